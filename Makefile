@@ -4,10 +4,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 EDGELLM := $(BIN)/edgellm
 
-# llama-cpp-python builds from source: keep the build lean (no tools, tests, examples or the vision lib).
-# For CUDA or Metal, add -DGGML_CUDA=on / -DGGML_METAL=on (see README).
-CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+# llama-cpp-python ships only as source: we build its wheel once per (version, CMAKE_ARGS) into a wheelhouse
+# outside the clone, so a second clone or `make clean` does not rebuild (pip's own cache ignores CMAKE_ARGS).
+# Lean and portable by default: no tools/tests/examples/vision lib, and GGML_NATIVE=OFF (AVX2/FMA/F16C):
+# -march=native enables AMX on recent Xeons, whose llama.cpp kernels crash here.
+# For CUDA or Metal: make setup CMAKE_ARGS="-DGGML_CUDA=on ..." (see README).
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 export CMAKE_ARGS
+WHEELHOUSE ?= $(HOME)/.cache/edgellm/wheels/$(shell printf '%s %s' '$(LLAMA_CPP_PYTHON)' '$(CMAKE_ARGS)' | sha256sum | cut -c1-16)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 # Everything runs offline: no hub look-ups from transformers / sentence-transformers.
 export HF_HUB_OFFLINE = 1
@@ -23,7 +28,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade "pip>=24" "setuptools>=68" wheel
-	$(BIN)/pip install -e '.[all]'
+	ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
+	  $(BIN)/pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python -w $(WHEELHOUSE) "$(LLAMA_CPP_PYTHON)"
+	$(BIN)/pip install --find-links $(WHEELHOUSE) -e '.[all]'
 	touch $@
 
 # Idempotent: present and verified models are kept.

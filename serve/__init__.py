@@ -1,0 +1,1 @@
+"""edgellm serve: a lightweight Starlette server for GGUF models (OpenAI-compatible) and a reranker."""

@@ -1,0 +1,101 @@
+"""`edgellm serve`: flags are generated from ServeSettings, so every setting has one (plus `--set a.b=c`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path("configs/serve.yaml")
+_SCALARS = (str, int, float, bool)
+
+
+def _is_scalar(ann: Any) -> bool:
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return all(_is_scalar(a) for a in typing.get_args(ann) if a is not type(None))
+    return ann in _SCALARS
+
+
+def _scalar_fields() -> list[tuple[str, str]]:
+    """(name, help) for every top-level setting with a scalar value."""
+    from serve.settings import ServeSettings
+
+    return [
+        (name, info.description or "")
+        for name, info in ServeSettings.model_fields.items()
+        if _is_scalar(info.annotation)
+    ]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve GGUF models over an OpenAI-compatible HTTP API")
+    p.add_argument("--config", type=Path, default=None, help=f"settings YAML (default: {DEFAULT_CONFIG} if present)")
+    p.add_argument(
+        "--model",
+        dest="model_paths",
+        action="append",
+        type=Path,
+        metavar="PATH",
+        help="serve this GGUF (or every variant of a convert manifest.json) instead of the configured models; repeatable",
+    )
+    p.add_argument("--reranker", type=Path, metavar="DIR", help="serve this cross-encoder directory at /v1/rerank")
+    p.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override any key, e.g. models.0.n_ctx=2048"
+    )
+    for name, help_text in _scalar_fields():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", default=None, metavar="VALUE", help=help_text)
+    p.set_defaults(func=_run)
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from edgellm.config import _parse_scalar
+    from serve.settings import ModelSettings, load_serve_settings, models_from_paths
+
+    config = args.config
+    if config is None and DEFAULT_CONFIG.is_file():
+        config = DEFAULT_CONFIG
+    overrides: dict[str, Any] = {}
+    for name, _ in _scalar_fields():
+        value = getattr(args, f"opt_{name}")
+        if value is not None:
+            overrides[name] = _parse_scalar(value)
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            from edgellm.config import ConfigError
+
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = _parse_scalar(value)
+    if args.model_paths:
+        template = ModelSettings(name="x", path=Path("x"))
+        overrides["models"] = models_from_paths(args.model_paths, template)
+    if args.reranker:
+        overrides["reranker"] = {"path": str(args.reranker)}
+    return load_serve_settings(config, overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serve.app import create_app
+
+    settings = settings_from_args(args)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    names = ", ".join(m.name for m in settings.models)
+    print(f"edgellm serve: {names} on http://{settings.host}:{settings.port} (engine: {settings.engine})", flush=True)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    return 0

@@ -1,0 +1,242 @@
+"""The serial engine: one llama-cpp-python ``Llama`` per model and one worker thread that serves its requests one
+after another, in arrival order. Simple and robust; the batched engine is the fast one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve.engine.base import (
+    ContextOverflowError,
+    EngineOverloadedError,
+    Event,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    ModelInfo,
+    SamplingParams,
+    TextDelta,
+    Timings,
+    UnknownModelError,
+)
+from serve.engine.prompt import ChatTemplate
+from serve.engine.stream import EventStream
+from serve.engine.specs import ModelSpec, default_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    tokens: list[int]
+    params: SamplingParams
+    stream: EventStream
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class _TokenClock:
+    """A logits processor that counts sampled tokens and stamps the first one (prompt time vs decode time)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.first: float | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.n += 1
+        return scores
+
+
+class SerialModel:
+    """A loaded GGUF and its worker thread."""
+
+    def __init__(self, spec: ModelSpec, queue_size: int) -> None:
+        from llama_cpp import Llama
+
+        self.spec = spec
+        threads = spec.n_threads or default_threads()
+        self.llm = Llama(
+            model_path=str(spec.path),
+            n_ctx=spec.n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_gpu_layers=spec.n_gpu_layers,
+            n_batch=spec.n_batch,
+            verbose=False,
+        )
+        vocab_tokens = self.llm._model
+        bos = vocab_tokens.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
+        eos = vocab_tokens.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
+        self.template = ChatTemplate.from_metadata(self.llm.metadata, bos, eos)
+        self.created = int(time.time())
+        self._queue_size = queue_size
+        self._waiting: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"serial-{spec.name}", daemon=True)
+        self._thread.start()
+
+    # -- request side (event loop) ------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        return list(tokens)
+
+    def enqueue(self, job: _Job) -> None:
+        with self._cond:
+            if len(self._waiting) >= self._queue_size and self._busy:
+                raise EngineOverloadedError(
+                    f"model {self.spec.name!r} has {len(self._waiting)} requests waiting (queue_size); retry shortly"
+                )
+            self._waiting.append(job)
+            self._cond.notify()
+
+    _busy = False
+
+    # -- worker thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    for job in self._waiting:
+                        job.stream.fail(ConnectionAbortedError("server shutting down"))
+                    return
+                job = self._waiting.popleft()
+                self._busy = True
+            try:
+                if not job.cancelled.is_set():
+                    self._generate(job)
+            except Exception as e:  # a failure of one request must not stop the worker
+                log.exception("generation failed")
+                job.stream.fail(e)
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def _generate(self, job: _Job) -> None:
+        p = job.params
+        clock = _TokenClock()
+        from llama_cpp import LogitsProcessorList
+
+        t0 = time.perf_counter()
+        chunks = self.llm.create_completion(
+            prompt=job.tokens,
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            min_p=p.min_p,
+            repeat_penalty=p.repeat_penalty,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            stop=list(p.stop),
+            seed=p.seed,
+            stream=True,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+        finish: FinishReason = "length"
+        try:
+            for chunk in chunks:  # type: ignore[union-attr]
+                if job.cancelled.is_set():
+                    log.debug("request cancelled after %d tokens", clock.n)
+                    return
+                choice = chunk["choices"][0]
+                if choice["text"]:
+                    job.stream.emit(TextDelta(choice["text"]))
+                if choice["finish_reason"]:
+                    finish = "stop" if choice["finish_reason"] == "stop" else "length"
+        finally:
+            chunks.close()  # type: ignore[union-attr]
+        t1 = time.perf_counter()
+        first = clock.first or t1
+        job.stream.emit(
+            Finished(
+                finish_reason=finish,
+                prompt_tokens=len(job.tokens),
+                completion_tokens=clock.n,
+                timings=Timings(
+                    prompt_n=len(job.tokens),
+                    prompt_ms=(first - t0) * 1000,
+                    predicted_n=clock.n,
+                    predicted_ms=(t1 - first) * 1000,
+                ),
+            )
+        )
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        self.llm.close()
+
+
+class SerialEngine:
+    """Serves each model's requests one at a time, in arrival order, off the event loop."""
+
+    def __init__(self, specs: list[ModelSpec], queue_size: int = 64) -> None:
+        self._models: dict[str, SerialModel] = {}
+        try:
+            for spec in specs:
+                log.info("loading %s from %s", spec.name, spec.path)
+                self._models[spec.name] = SerialModel(spec, queue_size)
+        except BaseException:
+            for m in self._models.values():
+                m.close()
+            raise
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(name=n, path=str(m.spec.path), n_ctx=m.spec.n_ctx, created=m.created)
+            for n, m in self._models.items()
+        ]
+
+    def has_model(self, name: str) -> bool:
+        return name in self._models
+
+    def _model(self, name: str) -> SerialModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise UnknownModelError(
+                f"model {name!r} is not served here; available: {', '.join(self._models)}"
+            ) from None
+
+    async def submit(self, request: GenerationRequest) -> EventStream:
+        model = self._model(request.model)
+        text = model.template.render(request.messages) if request.messages is not None else (request.prompt or "")
+        tokens = await asyncio.to_thread(model.tokenize, text)
+        n_ctx = model.spec.n_ctx
+        if len(tokens) + 1 > n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; "
+                "shorten the prompt or serve the model with a larger n_ctx",
+                len(tokens),
+                n_ctx,
+            )
+        params = request.params
+        room = n_ctx - len(tokens)
+        if params.max_tokens > room:
+            from dataclasses import replace
+
+            params = replace(params, max_tokens=room)
+        stream = EventStream(asyncio.get_running_loop(), prompt_tokens=len(tokens))
+        job = _Job(tokens=tokens, params=params, stream=stream)
+        stream.on_close(job.cancelled.set)
+        model.enqueue(job)
+        return stream
+
+    async def close(self) -> None:
+        for m in self._models.values():
+            await asyncio.to_thread(m.close)
+        self._models.clear()
+
+
+__all__ = ["SerialEngine", "Event"]

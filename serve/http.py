@@ -1,0 +1,73 @@
+"""Request plumbing shared by the routes: the server's state, body reading with a size limit, auth."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from serve.engine.base import Engine
+from serve.errors import AUTHENTICATION, NOT_SUPPORTED, UNAVAILABLE, APIError
+from serve.settings import ServeSettings
+
+
+@dataclass
+class ServerState:
+    """Everything the routes need, built by the lifespan (no globals)."""
+
+    settings: ServeSettings
+    engine: Engine | None = None
+    reranker: Any = None
+    load_error: str | None = None
+    reranker_error: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+
+def server_state(request: Request) -> ServerState:
+    state: ServerState = request.state.server
+    return state
+
+
+def ready_engine(request: Request) -> Engine:
+    state = server_state(request)
+    if state.engine is None:
+        if state.load_error:
+            raise APIError(503, f"the models failed to load: {state.load_error}", UNAVAILABLE)
+        raise APIError(503, "the models are still loading; retry shortly", UNAVAILABLE, {"Retry-After": "1"})
+    return state.engine
+
+
+def check_auth(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    if header != f"Bearer {api_key}":
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", AUTHENTICATION)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """Read the body (at most ``limit`` bytes, else 413) and parse it as JSON (else 400)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {declared} bytes; the limit is {limit} (max_body_bytes)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes (max_body_bytes)")
+    if not body:
+        raise APIError(400, "the request body is empty; send a JSON object")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def not_supported(message: str) -> APIError:
+    return APIError(501, message, NOT_SUPPORTED)

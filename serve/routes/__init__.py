@@ -1,0 +1,1 @@
+"""HTTP routes: each translates HTTP <-> engine calls and nothing more."""

@@ -1,0 +1,38 @@
+"""GET /health and GET /v1/models."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from serve.errors import UNAVAILABLE, error_response
+from serve.http import check_auth, ready_engine, server_state
+
+
+async def health(request: Request) -> Response:
+    state = server_state(request)
+    if state.load_error:
+        return error_response(503, f"the models failed to load: {state.load_error}", UNAVAILABLE)
+    if not state.ready:
+        return error_response(503, "loading models", UNAVAILABLE, {"Retry-After": "1"})
+    return JSONResponse({"status": "ok"})
+
+
+async def list_models(request: Request) -> Response:
+    state = server_state(request)
+    check_auth(request, state.settings.api_key)
+    engine = ready_engine(request)
+    data = [
+        {
+            "id": m.name,
+            "object": "model",
+            "created": m.created,
+            "owned_by": "edgellm",
+            "meta": {"n_ctx": m.n_ctx, "path": m.path},
+        }
+        for m in engine.models()
+    ]
+    if state.reranker is not None:
+        data.append({"id": state.reranker.name, "object": "model", "created": 0, "owned_by": "edgellm",
+                     "meta": {"kind": "reranker"}})
+    return JSONResponse({"object": "list", "data": data})

@@ -1,0 +1,263 @@
+"""HTTP contract of the server with a fake engine: status codes, error shapes, SSE framing, loading state.
+
+These are unit tests of the routes; tests/test_server_real.py runs the same endpoints on the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from serve.app import create_app
+from serve.engine.base import (
+    ContextOverflowError,
+    Finished,
+    GenerationRequest,
+    ModelInfo,
+    TextDelta,
+    Timings,
+    UnknownModelError,
+)
+from serve.engine.stream import EventStream
+from serve.settings import ServeSettings
+
+
+class FakeEngine:
+    """Answers every request with fixed pieces; records what it was asked."""
+
+    def __init__(self, pieces: tuple[str, ...] = ("Hel", "lo", " wörld")) -> None:
+        self.pieces = pieces
+        self.requests: list[GenerationRequest] = []
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name="fake", path="fake.gguf", n_ctx=64, created=1)]
+
+    def has_model(self, name: str) -> bool:
+        return name == "fake"
+
+    async def submit(self, request: GenerationRequest) -> EventStream:
+        if request.model != "fake":
+            raise UnknownModelError(f"no {request.model}")
+        if request.prompt and len(request.prompt) > 64:
+            raise ContextOverflowError("prompt too long", len(request.prompt), 64)
+        self.requests.append(request)
+        stream = EventStream(asyncio.get_running_loop(), prompt_tokens=5)
+        pieces = self.pieces[: request.params.max_tokens]
+        for p in pieces:
+            stream.emit(TextDelta(p))
+        reason = "length" if len(pieces) < len(self.pieces) else "stop"
+        stream.emit(Finished(reason, 5, len(pieces), Timings(5, 1.0, len(pieces), 2.0)))
+        return stream
+
+    async def close(self) -> None:
+        pass
+
+
+def settings(**kw: object) -> ServeSettings:
+    base = {"models": [{"name": "fake", "path": "fake.gguf"}], "max_body_bytes": 2048, "max_tokens_cap": 100, "default_max_tokens": 50}
+    return ServeSettings.model_validate({**base, **kw})
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def client(engine: FakeEngine):
+    with TestClient(create_app(settings(), engine_factory=lambda s: engine)) as c:
+        for _ in range(100):
+            if c.get("/health").status_code == 200:
+                break
+            import time
+
+            time.sleep(0.01)
+        yield c
+
+
+def chat(**kw: object) -> dict[str, object]:
+    return {"model": "fake", "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+def assert_error(resp, status: int, type_: str, fragment: str = "") -> None:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == status
+    assert body["error"]["type"] == type_
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert fragment in body["error"]["message"]
+
+
+def test_chat_non_streaming_shape(client: TestClient, engine: FakeEngine) -> None:
+    r = client.post("/v1/chat/completions", json=chat(temperature=0, stop="x", seed=3, top_p=0.5, max_tokens=50))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello wörld"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    p = engine.requests[0].params
+    assert (p.temperature, p.stop, p.seed, p.top_p, p.max_tokens) == (0.0, ("x",), 3, 0.5, 50)
+
+
+def test_max_tokens_is_capped(client: TestClient, engine: FakeEngine) -> None:
+    client.post("/v1/chat/completions", json=chat(max_tokens=10_000))
+    assert engine.requests[0].params.max_tokens == 100
+
+
+def test_chat_stream_framing_is_exact(client: TestClient) -> None:
+    with client.stream(
+        "POST", "/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True})
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == ""
+    events = events[:-1]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), raw
+    payloads = [e[len("data: ") :] for e in events]
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["delta"]["content"] for c in chunks[1:4]] == ["Hel", "lo", " wörld"]
+    assert chunks[4]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    assert chunks[5]["choices"] == [] and chunks[5]["usage"]["total_tokens"] == 8
+    assert len(chunks) == 6
+    assert len({c["id"] for c in chunks}) == 1
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_stream_without_usage_has_no_usage_chunk(client: TestClient) -> None:
+    with client.stream("POST", "/v1/chat/completions", json=chat(stream=True, max_tokens=2)) as r:
+        raw = r.read().decode()
+    chunks = [json.loads(e[6:]) for e in raw.split("\n\n")[:-1] if e != "data: [DONE]"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"] for c in chunks)
+
+
+def test_completions_stream_and_plain(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"model": "fake", "prompt": "Once"})
+    assert r.json()["choices"][0]["text"] == "Hello wörld"
+    assert r.json()["object"] == "text_completion"
+    with client.stream("POST", "/v1/completions", json={"model": "fake", "prompt": "Once", "stream": True}) as r:
+        raw = r.read().decode()
+    payloads = [e[6:] for e in raw.split("\n\n")[:-1]]
+    assert payloads[-1] == "[DONE]"
+    texts = [json.loads(p)["choices"][0]["text"] for p in payloads[:-1]]
+    assert "".join(texts) == "Hello wörld"
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"model": "fake"}, "messages"),
+        ({"model": "fake", "messages": []}, "messages"),
+        ({"model": "fake", "messages": "hi"}, "messages"),
+        ({"model": "fake", "messages": [{"role": "wizard", "content": "hi"}]}, "role"),
+        ({"model": "fake", "messages": [{"role": "user"}]}, "no text"),
+        ({"model": "fake", "messages": [{"role": "user", "content": ""}]}, "no text"),
+        ({"model": "fake", "messages": [{"role": "user", "content": 5}]}, "content"),
+        (chat(max_tokens=0), "max_tokens"),
+        (chat(max_tokens="ten"), "max_tokens"),
+        (chat(temperature=-1), "temperature"),
+        (chat(n=2), "n=1"),
+        (chat(stream="yes"), "stream"),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_bad_chat_requests_are_400(client: TestClient, body: object, fragment: str) -> None:
+    assert_error(client.post("/v1/chat/completions", json=body), 400, "invalid_request_error", fragment)
+
+
+def test_malformed_json_is_400(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_request_error", "not valid JSON")
+    assert_error(client.post("/v1/completions", content=b""), 400, "invalid_request_error", "empty")
+
+
+def test_bad_completion_requests_are_400(client: TestClient) -> None:
+    assert_error(client.post("/v1/completions", json={"model": "fake"}), 400, "invalid_request_error", "prompt")
+    assert_error(client.post("/v1/completions", json={"model": "fake", "prompt": ""}), 400, "invalid_request_error")
+
+
+def test_context_overflow_is_400_exceed_context(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"model": "fake", "prompt": "x" * 100})
+    assert_error(r, 400, "exceed_context_size_error")
+
+
+def test_unknown_model_path_and_method(client: TestClient) -> None:
+    assert_error(client.post("/v1/chat/completions", json={**chat(), "model": "gpt-4"}), 404, "not_found_error", "fake")
+    assert_error(client.get("/v1/nothing"), 404, "not_found_error")
+    assert_error(client.get("/v1/chat/completions"), 405, "invalid_request_error")
+    assert_error(client.post("/health"), 405, "invalid_request_error")
+
+
+def test_body_over_limit_is_413(client: TestClient) -> None:
+    big = chat(messages=[{"role": "user", "content": "x" * 5000}])
+    assert_error(client.post("/v1/chat/completions", json=big), 413, "invalid_request_error", "limit")
+
+
+def test_rerank_without_reranker_is_501(client: TestClient) -> None:
+    r = client.post("/v1/rerank", json={"query": "q", "documents": ["a"]})
+    assert_error(r, 501, "not_supported_error", "reranker")
+
+
+def test_models_endpoint(client: TestClient) -> None:
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["fake"]
+
+
+def test_health_is_503_while_loading_and_when_load_fails() -> None:
+    import threading
+
+    gate = threading.Event()
+
+    def slow_factory(s: ServeSettings) -> FakeEngine:
+        gate.wait(10)
+        return FakeEngine()
+
+    with TestClient(create_app(settings(), engine_factory=slow_factory)) as c:
+        assert_error(c.get("/health"), 503, "unavailable_error")
+        assert_error(c.post("/v1/chat/completions", json=chat()), 503, "unavailable_error", "loading")
+        gate.set()
+        for _ in range(200):
+            if c.get("/health").status_code == 200:
+                break
+            import time
+
+            time.sleep(0.01)
+        assert c.get("/health").json() == {"status": "ok"}
+
+    def broken_factory(s: ServeSettings) -> FakeEngine:
+        raise FileNotFoundError("model file nope.gguf does not exist")
+
+    with TestClient(create_app(settings(), engine_factory=broken_factory)) as c:
+        import time
+
+        time.sleep(0.1)
+        assert_error(c.get("/health"), 503, "unavailable_error", "nope.gguf")
+
+
+def test_api_key(engine: FakeEngine) -> None:
+    with TestClient(create_app(settings(api_key="s3cret"), engine_factory=lambda s: engine)) as c:
+        assert_error(c.get("/v1/models"), 401, "authentication_error")
+        assert c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/health").status_code in (200, 503)  # health stays open for orchestrators
+
+
+def test_serving_a_gguf_config_does_not_need_torch() -> None:
+    """The serve app and its routes import without torch (checked in a clean interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import serve.app, serve.engine.factory, serve.engine.serial, serve.routes.rerank; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
