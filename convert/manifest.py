@@ -1,0 +1,167 @@
+"""``models/<name>/manifest.json``: what `edgellm convert` wrote, read by `serve` and `bench`.
+
+Stdlib and pydantic only (the server imports this module; it must not pull in torch or llama_cpp).
+
+    manifest = load_manifest(Path("models/demo/manifest.json"))
+    for f in manifest.files:                      # the variants to serve, e.g. q4_k_m and q8_0
+        manifest.model_id(f)                      # "demo:q4_k_m"
+        f.absolute_path                           # models/demo/demo-q4_k_m.gguf (absolute)
+        f.quant, f.size, f.sha256, f.bits_per_weight, f.tensor_types
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from edgellm.errors import EdgeLLMError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(EdgeLLMError):
+    """A manifest is missing, unreadable or does not match the files next to it."""
+
+
+class Verification(BaseModel):
+    """What was checked on one GGUF file right after it was written."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    loads: bool
+    prompt: str = ""
+    greedy_text: str = ""
+    tokenizer_matches_hf: bool | None = None
+    # Next-token distributions against the Hugging Face source model (float32), over every position of a few prompts.
+    kl_mean: float | None = None
+    kl_max: float | None = None
+    top1_agreement: float | None = None
+    n_positions: int = 0
+    kl_threshold: float | None = None  # set when the check was a pass/fail gate (the 16-bit reference file)
+
+
+class ManifestFile(BaseModel):
+    """One GGUF file in the manifest's folder."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    quant: str  # requested type: "q4_k_m", "q8_0", "f16", ...
+    path: str  # file name relative to the manifest's folder
+    size: int
+    sha256: str
+    n_params: int
+    bits_per_weight: float  # tensor data bits / parameters, as llama.cpp reports BPW
+    # Histogram of the tensor types actually written (gguf names: "Q4_K", "Q5_0", "F32", ...).
+    tensor_types: dict[str, int]
+    # K-quant fallbacks llama.cpp made, "wanted->used": count (e.g. {"Q4_K->Q5_0": 150}); empty when none.
+    fallbacks: dict[str, int] = Field(default_factory=dict)
+    architecture: str = ""
+    context_length: int | None = None
+    has_chat_template: bool = False
+    verification: Verification | None = None
+
+    _root: Path | None = PrivateAttr(default=None)
+
+    @property
+    def absolute_path(self) -> Path:
+        """The file's absolute path (only for a file that belongs to a loaded or saved manifest)."""
+        if self._root is None:
+            raise ManifestError(f"{self.path}: not attached to a manifest folder (use load_manifest)")
+        return (self._root / self.path).resolve()
+
+
+class SourceInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    path: str
+    sha256: str  # over every file of the directory: sha256 of "relative/path\0<file sha256>\n" lines, sorted
+    architecture: str
+    n_params: int
+
+
+class ToolVersions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    llama_cpp_python: str
+    llama_cpp: str  # llama_version() of the binding's build
+    gguf_py: str  # version of the gguf-py that ships with the converter
+    converter_sdist_sha256: str  # the llama-cpp-python source distribution the converter came from
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    created_at: str
+    source: SourceInfo
+    tools: ToolVersions
+    # The 16-bit file straight from llama.cpp's converter; every quantized file is made from it.
+    reference: ManifestFile
+    # The variants to serve, in the order requested; each is served as "<name>:<quant>".
+    files: list[ManifestFile]
+
+    _root: Path | None = PrivateAttr(default=None)
+
+    @property
+    def root(self) -> Path:
+        if self._root is None:
+            raise ManifestError(f"manifest {self.name!r} is not attached to a folder")
+        return self._root
+
+    def attach(self, root: Path) -> Manifest:
+        """Resolve file paths relative to ``root`` (the manifest's folder)."""
+        self._root = Path(root).resolve()
+        for f in (self.reference, *self.files):
+            f._root = self._root
+        return self
+
+    def model_id(self, f: ManifestFile) -> str:
+        return f"{self.name}:{f.quant}"
+
+    def variant(self, quant: str) -> ManifestFile:
+        for f in self.files:
+            if f.quant == quant:
+                return f
+        raise ManifestError(
+            f"manifest {self.name!r} has no {quant!r} variant; it has {[f.quant for f in self.files]}"
+        )
+
+    def check_files(self) -> None:
+        """Cheap integrity check (present, recorded size); hashing is left to `verify_sha256`."""
+        for f in (self.reference, *self.files):
+            p = f.absolute_path
+            if not p.is_file():
+                raise ManifestError(f"{p}: listed in the manifest of {self.name!r} but missing")
+            if p.stat().st_size != f.size:
+                raise ManifestError(f"{p}: size {p.stat().st_size} differs from the manifest's {f.size}")
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read ``models/<name>/manifest.json`` (or its folder); file paths resolve against that folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest here (run `edgellm convert` first)") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) > SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path}: schema_version {data['schema_version']} is newer than this edgellm reads"
+        )
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise ManifestError(f"{path}: {key}: {first['msg']} ({e.error_count()} error(s))") from None
+    return manifest.attach(path.parent)

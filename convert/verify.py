@@ -1,0 +1,182 @@
+"""Checks on every GGUF written: it loads in llama.cpp and greedy-generates with its own chat template, its tokenizer
+matches the Hugging Face one, and its next-token distributions match the Hugging Face model's (KL divergence).
+
+The Hugging Face side is computed once per conversion (`hf_reference`) and compared against each file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from convert.llamacpp import ConvertError
+from convert.manifest import Verification
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Water boils at a temperature of 100 degrees",
+    "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time, in a small village by the sea, there lived",
+)
+GENERATE_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class RoundTripError(ConvertError):
+    """The 16-bit GGUF does not reproduce the Hugging Face model: a conversion bug."""
+
+
+@dataclass(frozen=True)
+class HFReference:
+    """Token ids and float32 log-probabilities of the Hugging Face model on a few prompts."""
+
+    prompts: tuple[str, ...]
+    token_ids: tuple[tuple[int, ...], ...]
+    logprobs: tuple[np.ndarray, ...]  # one [n_tokens, n_vocab] array per prompt
+
+
+def hf_reference(model_dir: Path, prompts: Sequence[str] = DEFAULT_PROMPTS) -> HFReference:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    ids_all, lps = [], []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            logits = model(torch.tensor([ids])).logits[0].float()
+            ids_all.append(tuple(int(i) for i in ids))
+            lps.append(torch.log_softmax(logits, dim=-1).numpy())
+    del model
+    return HFReference(prompts=tuple(prompts), token_ids=tuple(ids_all), logprobs=tuple(lps))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@contextmanager
+def _no_extra_buffer_types() -> Iterator[None]:
+    """Load models without llama.cpp's extra CPU buffer types (AMX / repacked weights).
+
+    With them, the llama-cpp-python 0.3.36 build here segfaults on the first multi-token batch of any quantized model
+    on a CPU with AMX (seen with the catalog's Q4_1 default too). `Llama` has no argument for
+    ``llama_model_params.use_extra_bufts``, so its default-params factory is wrapped while the model loads.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def params() -> lib.llama_model_params:
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+
+
+def _load(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None):  # -> llama_cpp.Llama
+    from llama_cpp import Llama
+
+    try:
+        with _no_extra_buffer_types():
+            return Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                logits_all=logits_all,
+                n_threads=n_threads,
+                verbose=False,
+                seed=0,
+            )
+    except (ValueError, RuntimeError) as e:
+        raise ConvertError(f"llama.cpp cannot load {path.name}: {e}") from e
+
+
+def verify_gguf(
+    path: Path,
+    reference: HFReference | None,
+    kl_threshold: float | None = None,
+    n_threads: int | None = None,
+    label: str | None = None,
+) -> Verification:
+    """Load ``path`` in llama.cpp, greedy-generate through its embedded chat template, and compare it to ``reference``.
+
+    With ``kl_threshold`` set, a mean KL divergence above it (or a tokenizer mismatch) raises `RoundTripError`.
+    """
+    label = label or path.name
+    n_ctx = max([256, *(len(ids) + 8 for ids in (reference.token_ids if reference else ()))])
+    llm = _load(path, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
+    try:
+        if "tokenizer.chat_template" not in llm.metadata:
+            raise ConvertError(f"{label} has no chat template inside (tokenizer.chat_template)")
+        out = llm.create_chat_completion(messages=GENERATE_MESSAGES, max_tokens=16, temperature=0.0, seed=0)
+        text = out["choices"][0]["message"]["content"] or ""
+        if out["usage"]["completion_tokens"] < 1:
+            raise ConvertError(f"{label} loaded but generated nothing")
+        result = Verification(loads=True, prompt=GENERATE_MESSAGES[0]["content"], greedy_text=text)
+        if reference is None:
+            return result
+
+        tokenizer_ok = True
+        kls, top1 = [], []
+        for prompt, ids, hf_lp in zip(
+            reference.prompts, reference.token_ids, reference.logprobs, strict=True
+        ):
+            ours = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+            if list(ours) != list(ids):
+                tokenizer_ok = False
+                log.warning(
+                    "%s tokenizes %r as %s, Hugging Face as %s", label, prompt[:30], ours[:12], list(ids[:12])
+                )
+            llm.reset()
+            llm.eval(list(ids))
+            gg_lp = _log_softmax(np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+            if gg_lp.shape != hf_lp.shape:
+                raise RoundTripError(
+                    f"{label}: vocabulary size {gg_lp.shape[1]} differs from Hugging Face's {hf_lp.shape[1]}"
+                )
+            p = np.exp(hf_lp.astype(np.float64))
+            kls.extend((p * (hf_lp - gg_lp)).sum(axis=-1).tolist())
+            top1.extend((hf_lp.argmax(-1) == gg_lp.argmax(-1)).tolist())
+        result.tokenizer_matches_hf = tokenizer_ok
+        result.kl_mean = float(np.mean(kls))
+        result.kl_max = float(np.max(kls))
+        result.top1_agreement = float(np.mean(top1))
+        result.n_positions = len(kls)
+        result.kl_threshold = kl_threshold
+        log.info(
+            "%s: KL(hf || gguf) mean %.2e max %.2e over %d positions, top-1 agreement %.3f",
+            label,
+            result.kl_mean,
+            result.kl_max,
+            result.n_positions,
+            result.top1_agreement,
+        )
+        if kl_threshold is not None:
+            if not tokenizer_ok:
+                raise RoundTripError(
+                    f"{label}: the embedded tokenizer does not match the Hugging Face tokenizer"
+                )
+            if not result.kl_mean < kl_threshold:
+                raise RoundTripError(
+                    f"{label} does not reproduce the Hugging Face model: mean KL divergence {result.kl_mean:.3g} "
+                    f"(max {result.kl_max:.3g}) over {result.n_positions} positions, threshold {kl_threshold:g}"
+                )
+        return result
+    finally:
+        llm.close()
