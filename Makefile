@@ -1,6 +1,7 @@
 # edgellm: `make serve` and `make test` are the two commands; both start with `make setup`.
 PYTHON ?= python3
 VENV   ?= .venv
+EXTRAS ?= all
 BIN    := $(VENV)/bin
 EDGELLM := $(BIN)/edgellm
 
@@ -30,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --upgrade "pip>=24" "setuptools>=68" wheel
 	ls $(WHEELHOUSE)/llama_cpp_python-*.whl >/dev/null 2>&1 || \
 	  $(BIN)/pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python -w $(WHEELHOUSE) "$(LLAMA_CPP_PYTHON)"
-	$(BIN)/pip install --find-links $(WHEELHOUSE) -e '.[all]'
+	$(BIN)/pip install --find-links $(WHEELHOUSE) -e '.[$(EXTRAS)]'
 	touch $@
 
 # Idempotent: present and verified models are kept.

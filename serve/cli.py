@@ -75,7 +75,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         overrides[key.strip()] = _parse_scalar(value)
     if args.model_paths:
-        template = ModelSettings(name="x", path=Path("x"))
+        template = ModelSettings.model_validate({"name": "x", "path": "x"})
         overrides["models"] = models_from_paths(args.model_paths, template)
     if args.reranker:
         overrides["reranker"] = {"path": str(args.reranker)}

@@ -82,18 +82,19 @@ def load_serve_settings(
 
 
 def models_from_paths(paths: list[Path], template: ModelSettings | None = None) -> list[dict[str, Any]]:
-    """``--model PATH`` values: a GGUF file becomes a model named after the file; a convert manifest.json
-    contributes every variant in it, named ``<name>:<quant>``."""
+    """``--model PATH`` values: a GGUF file becomes a model named after the file; a convert manifest.json (or
+    its folder) contributes every variant in it, named ``<name>:<quant>``."""
     base = template.model_dump(exclude={"name", "path"}) if template else {}
     out: list[dict[str, Any]] = []
     for p in paths:
         p = Path(p)
-        if p.name.endswith(".json"):
+        if p.name.endswith(".json") or p.is_dir():
             from convert.manifest import load_manifest
 
             manifest = load_manifest(p)
+            manifest.check_files()
             for f in manifest.files:
-                out.append({**base, "name": f"{manifest.name}:{f.quant}", "path": str(manifest.file_path(f))})
+                out.append({**base, "name": manifest.model_id(f), "path": str(f.absolute_path)})
         else:
             out.append({**base, "name": p.stem, "path": str(p)})
     return out

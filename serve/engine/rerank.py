@@ -13,6 +13,7 @@ blocking and CPU-bound: an async caller runs it in a worker thread. Calls on one
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -98,7 +99,9 @@ class CrossEncoderReranker:
         positions = getattr(self._model.config, "max_position_embeddings", None)
         model_max = self._model.max_seq_length
         if max_length is not None and positions is not None and max_length > positions:
-            raise RerankModelError(f"max_length {max_length} is more than {model_dir} supports ({positions} tokens)")
+            raise RerankModelError(
+                f"max_length {max_length} is more than {model_dir} supports ({positions} tokens)"
+            )
         if model_max is None or model_max > 1_000_000:  # tokenizers without a recorded limit
             model_max = positions or 512
             self._model.max_seq_length = model_max
@@ -179,7 +182,9 @@ class CrossEncoderReranker:
             )
         for i, doc in enumerate(documents):
             if not isinstance(doc, str):
-                raise RerankInputError(f"documents[{i}] is a {type(doc).__name__}; each document must be text")
+                raise RerankInputError(
+                    f"documents[{i}] is a {type(doc).__name__}; each document must be text"
+                )
         if top_n is not None and top_n < 1:
             raise RerankInputError(f"top_n must be at least 1, got {top_n}")
 
@@ -200,8 +205,6 @@ def _sigmoid(x: float) -> float:
 
 def _check_is_cross_encoder(model_dir: Path) -> None:
     """Refuse a bi-encoder (sentence-transformers would silently bolt a random head onto it)."""
-    import json
-
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

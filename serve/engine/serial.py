@@ -9,7 +9,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from serve.engine.base import (
     ContextOverflowError,
@@ -25,8 +25,8 @@ from serve.engine.base import (
     UnknownModelError,
 )
 from serve.engine.prompt import ChatTemplate
-from serve.engine.stream import EventStream
 from serve.engine.specs import ModelSpec, default_threads
+from serve.engine.stream import EventStream
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ class SerialModel:
         )
         finish: FinishReason = "length"
         try:
-            for chunk in chunks:  # type: ignore[union-attr]
+            for raw in chunks:  # type: ignore[union-attr]
+                chunk = cast(dict[str, Any], raw)
                 if job.cancelled.is_set():
                     log.debug("request cancelled after %d tokens", clock.n)
                     return

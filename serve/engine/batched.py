@@ -1,0 +1,487 @@
+"""The batched engine: continuous batching on llama-cpp-python's low-level API, sampling in llama.cpp's own
+sampler chains.
+
+Per model: one llama context with ``slots`` sequences and one scheduler thread. Each step the scheduler
+
+1. admits waiting requests into free slots (the slot whose cached tokens share the longest prefix with the
+   prompt, so the next turn of a chat reuses its KV instead of recomputing it; ties go to the least recently used),
+2. frees the slots of cancelled requests (client gone),
+3. builds one ``llama_batch``: the last sampled token of every generating sequence, then prompt tokens of the
+   sequences still reading their prompt (a whole ``n_batch`` when nobody is generating, at most ``prompt_chunk``
+   otherwise, so a long prompt slows the other streams down instead of freezing them),
+4. runs one ``llama_decode``, samples each sequence that has an output with its own sampler chain
+   (``llama_sampler_sample`` in C, no copy of the logits), detokenizes incrementally and emits the text.
+
+Context sizing: ``ModelSpec.n_ctx`` is what one request can hold. The llama context has ``n_ctx * slots`` cells
+and ``n_seq_max = slots``. By default the KV cache is unified (one buffer shared by the sequences, as
+llama-server's default): any mix of sequences and prompt chunks is one ubatch, and flash attention skips the
+other sequences' cells. Since every sequence is capped at ``n_ctx``, the cache can never run out of cells.
+Memory: the KV cache is ``slots`` times the serial engine's (SmolLM2-135M at n_ctx=4096, 4 slots: ~360 MiB f16).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from serve.engine.base import (
+    ContextOverflowError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+    Event,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    InvalidPromptError,
+    ModelInfo,
+    SamplingParams,
+    TextDelta,
+    Timings,
+    UnknownModelError,
+)
+from serve.engine.detok import Detokenizer, PieceTable, StopMatcher
+from serve.engine.prompt import ChatTemplate
+from serve.engine.sampling import SamplerChain
+from serve.engine.specs import ModelSpec, default_threads
+from serve.engine.stream import EventStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Job:
+    tokens: list[int]
+    params: SamplingParams
+    stream: EventStream
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+def _emit(job: _Job, event: Event) -> None:
+    try:
+        job.stream.emit(event)
+    except RuntimeError:  # the request's event loop is gone: nobody is listening any more
+        job.cancelled.set()
+
+
+def _fail(job: _Job, exc: BaseException) -> None:
+    try:
+        job.stream.fail(exc)
+    except RuntimeError:
+        job.cancelled.set()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _Slot:
+    """One sequence of the context: the tokens its KV holds, and the request it serves (if any)."""
+
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.cache: list[int] = []  # tokens whose K/V this sequence holds, at positions 0..len-1
+        self.last_used = 0.0
+        self.job: _Job | None = None
+        # the request being served
+        self.pending: list[int] = []  # prompt tokens not evaluated yet
+        self.next_token = -1  # sampled, to be evaluated at the next step
+        self.out_index = -1  # batch index of this sequence's logits in the current step
+        self.chain: SamplerChain | None = None
+        self.detok: Detokenizer | None = None
+        self.stop: StopMatcher | None = None
+        self.max_tokens = 0
+        self.n_decoded = 0
+        self.n_cached = 0
+        self.n_evaluated = 0
+        self.t_start = 0.0
+        self.t_first = 0.0
+
+
+class BatchedModel:
+    """A loaded GGUF, its context with ``slots`` sequences, and the scheduler thread that serves them."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        slots: int,
+        queue_size: int,
+        prompt_chunk: int = 128,
+        kv_unified: bool = True,
+    ) -> None:
+        import llama_cpp as ll
+        from llama_cpp._internals import LlamaModel
+        from llama_cpp._logger import set_verbose
+
+        self._ll = ll
+        self.spec = spec
+        self.slots_n = slots
+        self._queue_size = queue_size
+        self.n_batch = max(spec.n_batch, slots)  # room for every sequence's next token in one batch
+        self.prompt_chunk = max(1, min(prompt_chunk, self.n_batch))
+        set_verbose(False)
+        ll.llama_backend_init()
+
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = spec.n_gpu_layers
+        self._model = LlamaModel(path_model=str(spec.path), params=mparams, verbose=False)
+        self._vocab = self._model.vocab
+        self.n_vocab = self._model.n_vocab()
+
+        threads = spec.n_threads or default_threads()
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = spec.n_ctx * slots
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = slots
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = kv_unified
+        cparams.no_perf = True
+        self._ctx = ll.llama_init_from_model(self._model.model, cparams)
+        if not self._ctx:
+            self._model.close()
+            raise RuntimeError(f"llama_init_from_model failed for {spec.path} (n_ctx={cparams.n_ctx})")
+        self._mem = ll.llama_get_memory(self._ctx)
+        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+
+        bos, eos = self._model.token_bos(), self._model.token_eos()
+        bos_text = self._model.token_get_text(bos) if bos >= 0 else ""
+        eos_text = self._model.token_get_text(eos) if eos >= 0 else ""
+        self.template = ChatTemplate.from_metadata(self._model.metadata(), bos_text, eos_text)
+        is_eog = ll.llama_vocab_is_eog
+        self._eog = frozenset(t for t in range(self.n_vocab) if is_eog(self._vocab, t))
+        self._pieces = PieceTable(self._vocab, self.n_vocab)
+        self.created = int(time.time())
+
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._active: list[_Slot] = []  # in admission order
+        self._waiting: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._service_s = 2.0  # moving average of a request's time in a slot, for Retry-After
+        self._thread = threading.Thread(target=self._run, name=f"batched-{spec.name}", daemon=True)
+        self._thread.start()
+
+    # -- request side (event loop, or any thread) ---------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+    def enqueue(self, job: _Job) -> None:
+        with self._cond:
+            if self._closing:
+                raise EngineUnavailableError(f"model {self.spec.name!r} is shutting down")
+            if any(j.cancelled.is_set() for j in self._waiting):
+                self._waiting = deque(j for j in self._waiting if not j.cancelled.is_set())
+            free = self.slots_n - len(self._active)
+            if len(self._waiting) >= self._queue_size + free:
+                rounds = math.ceil((len(self._waiting) + 1) / self.slots_n)
+                retry_after = min(60, max(1, math.ceil(self._service_s * rounds)))
+                raise EngineOverloadedError(
+                    f"model {self.spec.name!r} has {len(self._waiting)} requests waiting for its "
+                    f"{self.slots_n} slots (queue_size {self._queue_size}); retry in {retry_after} s",
+                    retry_after=retry_after,
+                )
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+        ll = self._ll
+        if self._thread.is_alive():  # a decode that never returns: leak rather than free under it
+            log.error("scheduler of %s did not stop; not freeing its context", self.spec.name)
+            return
+        for slot in self._slots:
+            if slot.chain is not None:
+                slot.chain.close()
+        ll.llama_batch_free(self._batch)
+        ll.llama_free(self._ctx)
+        self._model.close()
+
+    # -- scheduler thread ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._closing:
+                    break
+                admitted = self._admit()
+            for slot in admitted:
+                try:
+                    self._start(slot)
+                except Exception as e:
+                    log.exception("starting a request failed")
+                    self._abort(slot, e)
+            try:
+                self._drop_cancelled()
+                if self._active:
+                    self._step()
+            except Exception as e:  # one failure must not stop the scheduler: fail the running requests, go on
+                log.exception("batched step failed")
+                for slot in list(self._active):
+                    self._abort(slot, e)
+        shutdown = EngineUnavailableError("the server is shutting down")
+        for slot in list(self._active):
+            self._abort(slot, shutdown)
+        with self._cond:
+            for job in self._waiting:
+                _fail(job, shutdown)
+            self._waiting.clear()
+
+    def _admit(self) -> list[_Slot]:
+        """Move waiting jobs into free slots (called with the lock held); the slot's state is set up later."""
+        admitted: list[_Slot] = []
+        free = [s for s in self._slots if s.job is None]
+        while self._waiting and free:
+            job = self._waiting.popleft()
+            if job.cancelled.is_set():
+                continue
+            best = max(free, key=lambda s: (_common_prefix(s.cache, job.tokens), -s.last_used))
+            free.remove(best)
+            best.job = job
+            self._active.append(best)
+            admitted.append(best)
+        return admitted
+
+    def _start(self, slot: _Slot) -> None:
+        """Set up a newly admitted slot: keep the cached prefix it shares with the prompt, drop the rest."""
+        job = slot.job
+        assert job is not None
+        tokens = job.tokens
+        slot.t_start = time.perf_counter()
+        keep = min(_common_prefix(slot.cache, tokens), len(tokens) - 1)  # evaluate >= 1 token to get logits
+        if keep < len(slot.cache):
+            if not self._ll.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
+                self._ll.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                keep = 0
+            del slot.cache[keep:]
+        slot.pending = tokens[keep:]
+        slot.n_cached = keep
+        slot.n_evaluated = len(slot.pending)
+        slot.chain = SamplerChain(job.params, self.n_vocab, self.spec.n_ctx)
+        slot.chain.accept_prompt(tokens)
+        slot.detok = Detokenizer(self._pieces)
+        slot.stop = StopMatcher(job.params.stop)
+        slot.max_tokens = job.params.max_tokens
+        slot.n_decoded = 0
+        slot.next_token = -1
+        slot.out_index = -1
+        if keep:
+            log.debug("slot %d: reusing %d cached tokens of %d", slot.seq_id, keep, len(tokens))
+
+    def _drop_cancelled(self) -> None:
+        for slot in list(self._active):
+            assert slot.job is not None
+            if slot.job.cancelled.is_set():
+                log.debug("slot %d: cancelled after %d tokens", slot.seq_id, slot.n_decoded)
+                self._release(slot)
+
+    def _step(self) -> None:
+        ll = self._ll
+        batch = self._batch
+        tok, pos, nseq, seq, out = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
+        n = 0
+        generating = [s for s in self._active if not s.pending]
+        for s in generating:
+            tok[n] = s.next_token
+            pos[n] = len(s.cache)
+            nseq[n] = 1
+            seq[n][0] = s.seq_id
+            out[n] = 1
+            s.out_index = n
+            n += 1
+        budget = self.n_batch - n
+        if n:
+            budget = min(budget, self.prompt_chunk)
+        reading: list[tuple[_Slot, int]] = []
+        for s in self._active:
+            if not s.pending or budget <= 0:
+                continue
+            take = min(len(s.pending), budget)
+            p0 = len(s.cache)
+            sid = s.seq_id
+            chunk = s.pending
+            for i in range(take):
+                tok[n + i] = chunk[i]
+                pos[n + i] = p0 + i
+                nseq[n + i] = 1
+                seq[n + i][0] = sid
+                out[n + i] = 0
+            n += take
+            budget -= take
+            if take == len(s.pending):
+                out[n - 1] = 1
+                s.out_index = n - 1
+            else:
+                s.out_index = -1
+            reading.append((s, take))
+        batch.n_tokens = n
+        rc = ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens")
+        for s in generating:
+            s.cache.append(s.next_token)
+        sampled = list(generating)
+        for s, take in reading:
+            s.cache.extend(s.pending[:take])
+            del s.pending[:take]
+            if not s.pending:
+                sampled.append(s)
+        sample = ll.llama_sampler_sample
+        ctx = self._ctx
+        for s in sampled:
+            assert s.chain is not None
+            self._on_token(s, sample(s.chain.ptr, ctx, s.out_index))
+
+    def _on_token(self, s: _Slot, token: int) -> None:
+        if s.n_decoded == 0:
+            s.t_first = time.perf_counter()
+        s.n_decoded += 1
+        job = s.job
+        assert job is not None and s.detok is not None and s.stop is not None
+        if token in self._eog:
+            self._finish(s, "stop")
+            return
+        text, stopped = s.stop.push(s.detok.push(token))
+        if text:
+            _emit(job, TextDelta(text))
+        if stopped:
+            self._finish(s, "stop", stopped_by_string=True)
+        elif s.n_decoded >= s.max_tokens:
+            self._finish(s, "length")
+        else:
+            s.next_token = token
+
+    def _finish(self, s: _Slot, reason: FinishReason, stopped_by_string: bool = False) -> None:
+        job = s.job
+        assert job is not None and s.detok is not None and s.stop is not None
+        if not stopped_by_string:
+            text, stopped = s.stop.push(s.detok.flush())
+            if not stopped:
+                text += s.stop.flush()
+            if text:
+                _emit(job, TextDelta(text))
+        now = time.perf_counter()
+        _emit(
+            job,
+            Finished(
+                finish_reason=reason,
+                prompt_tokens=len(job.tokens),
+                completion_tokens=s.n_decoded,
+                timings=Timings(
+                    prompt_n=s.n_evaluated,
+                    prompt_ms=(s.t_first - s.t_start) * 1000,
+                    predicted_n=s.n_decoded,
+                    predicted_ms=(now - s.t_first) * 1000,
+                    cache_n=s.n_cached,
+                ),
+            )
+        )
+        self._service_s = 0.8 * self._service_s + 0.2 * (now - s.t_start)
+        self._release(s)
+
+    def _abort(self, s: _Slot, exc: BaseException) -> None:
+        """Fail a slot's request and forget its KV (its state is unknown after an error)."""
+        if s.job is not None:
+            _fail(s.job, exc)
+        self._ll.llama_memory_seq_rm(self._mem, s.seq_id, -1, -1)
+        s.cache.clear()
+        self._release(s)
+
+    def _release(self, s: _Slot) -> None:
+        """Free the slot for the next request; its KV (``s.cache``) stays for prefix reuse."""
+        if s.chain is not None:
+            s.chain.close()
+            s.chain = None
+        s.job = None
+        s.pending = []
+        s.detok = None
+        s.stop = None
+        s.last_used = time.perf_counter()
+        if s in self._active:
+            self._active.remove(s)
+
+
+class BatchedEngine:
+    """Serves each model's requests in ``slots`` concurrent sequences, continuously batched, off the event loop."""
+
+    def __init__(
+        self,
+        specs: list[ModelSpec],
+        slots: int = 4,
+        queue_size: int = 64,
+        prompt_chunk: int = 128,
+        kv_unified: bool = True,
+    ) -> None:
+        self._models: dict[str, BatchedModel] = {}
+        try:
+            for spec in specs:
+                log.info("loading %s from %s (%d slots of %d tokens)", spec.name, spec.path, slots, spec.n_ctx)
+                self._models[spec.name] = BatchedModel(
+                    spec, slots, queue_size, prompt_chunk=prompt_chunk, kv_unified=kv_unified
+                )
+        except BaseException:
+            for m in self._models.values():
+                m.close()
+            raise
+
+    def models(self) -> list[ModelInfo]:
+        return [
+            ModelInfo(name=n, path=str(m.spec.path), n_ctx=m.spec.n_ctx, created=m.created)
+            for n, m in self._models.items()
+        ]
+
+    def has_model(self, name: str) -> bool:
+        return name in self._models
+
+    def _model(self, name: str) -> BatchedModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise UnknownModelError(
+                f"model {name!r} is not served here; available: {', '.join(self._models)}"
+            ) from None
+
+    async def submit(self, request: GenerationRequest) -> EventStream:
+        model = self._model(request.model)
+        text = model.template.render(request.messages) if request.messages is not None else (request.prompt or "")
+        tokens = await asyncio.to_thread(model.tokenize, text)
+        if not tokens:
+            raise InvalidPromptError("the prompt is empty")
+        n_ctx = model.spec.n_ctx
+        if len(tokens) + 1 > n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {len(tokens)} tokens but a slot's context holds {n_ctx}; "
+                "shorten the prompt or serve the model with a larger n_ctx",
+                len(tokens),
+                n_ctx,
+            )
+        params = request.params
+        room = n_ctx - len(tokens)
+        if params.max_tokens > room:
+            params = replace(params, max_tokens=room)
+        stream = EventStream(asyncio.get_running_loop(), prompt_tokens=len(tokens))
+        job = _Job(tokens=tokens, params=params, stream=stream)
+        stream.on_close(job.cancelled.set)
+        model.enqueue(job)
+        return stream
+
+    async def close(self) -> None:
+        for m in self._models.values():
+            await asyncio.to_thread(m.close)
+        self._models.clear()
+
+
+__all__ = ["BatchedEngine", "BatchedModel"]
