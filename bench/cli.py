@@ -1,0 +1,107 @@
+"""`edgellm bench quant|serve`: a thin layer over `bench.quant.bench_quant` and `bench.loadtest.bench_serve`.
+
+edgellm bench quant models/demo/ --out reports/demo/
+edgellm bench serve --url http://127.0.0.1:8000 --concurrency 1,2,4,8 --requests 32 --out reports/serve/
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4,8, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark quantization variants, or load-test a server")
+    bsub = p.add_subparsers(dest="bench_cmd", required=True)
+
+    q = bsub.add_parser(
+        "quant",
+        help="compare GGUF variants on size, speed and quality (KL divergence vs the 16-bit reference)",
+        description="For each GGUF variant in a manifest folder (models/<name>/) or a folder of .gguf files: size, "
+        "bits per weight, load time, peak RSS, pp/tg tokens/s (llama-bench protocol) and perplexity, KL divergence "
+        "and top-1 agreement against the reference (llama-perplexity --kl-divergence). Writes results.json, "
+        "results.md and chart.png.",
+    )
+    q.add_argument("src", type=Path, help="models/<name>/ (with manifest.json) or a folder of .gguf files")
+    q.add_argument("--out", type=Path, required=True, help="report folder, e.g. reports/<name>/")
+    q.add_argument("--text", type=Path, default=None, help="held-out UTF-8 text (default: bench/data/heldout.txt)")
+    q.add_argument("--threads", type=int, default=None, help="threads (default: physical cores)")
+    q.add_argument("--reps", type=int, default=5, help="repetitions of each speed test (default: 5)")
+    q.add_argument("--n-prompt", type=int, default=512, help="prompt tokens for pp (default: 512)")
+    q.add_argument("--n-gen", type=int, default=128, help="generated tokens for tg (default: 128)")
+    q.add_argument("--ctx", type=int, default=512, help="chunk size of the quality test (default: 512)")
+    q.add_argument("--chunks", type=int, default=None, help="use at most this many chunks of the text")
+    q.add_argument("--reference", default=None, help="reference variant in a folder without a manifest")
+    q.add_argument(
+        "--no-repack", dest="repack", action="store_false",
+        help="disable llama.cpp's repacked/AMX CPU weight layouts (for builds that crash in them)",
+    )
+    q.set_defaults(func=_quant)
+
+    s = bsub.add_parser(
+        "serve",
+        help="load-test an OpenAI-compatible server on this machine (streaming chat)",
+        description="Streaming chat requests to a loopback URL at each concurrency level: TTFT and inter-token "
+        "latency p50/p95, aggregate completion tokens/s, errors by kind.",
+    )
+    s.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (loopback only)")
+    s.add_argument("--concurrency", type=_int_list, default=[1, 2, 4, 8], help="levels, e.g. 1,2,4,8")
+    s.add_argument("--requests", type=int, default=16, help="requests per concurrency level (default: 16)")
+    s.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: 64)")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+    s.add_argument("--max-seconds", type=float, default=600.0, help="seconds for the whole run (default: 600)")
+    s.add_argument("--model", default=None, help="model id (default: the server's first /v1/models id)")
+    s.add_argument("--out", type=Path, default=None, help="report folder for JSON, Markdown and PNG")
+    s.set_defaults(func=_serve)
+
+
+def _quant(args: argparse.Namespace) -> int:
+    from bench.quant import bench_quant
+
+    report = bench_quant(
+        src=args.src,
+        out=args.out,
+        text=args.text,
+        threads=args.threads,
+        reps=args.reps,
+        n_prompt=args.n_prompt,
+        n_gen=args.n_gen,
+        n_ctx=args.ctx,
+        max_chunks=args.chunks,
+        reference=args.reference,
+        repack=args.repack,
+    )
+    print(Path(report.files["table"]).read_text(encoding="utf-8"))
+    for kind, path in report.files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from bench.loadtest import bench_serve
+    from bench.report import serve_table
+
+    report = bench_serve(
+        url=args.url,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        timeout=args.timeout,
+        max_seconds=args.max_seconds,
+        model=args.model,
+        out=args.out,
+    )
+    print(serve_table(report))
+    for kind, path in report.files.items():
+        print(f"{kind}: {path}")
+    return 0

@@ -1,0 +1,322 @@
+"""Engine speed in one run: raw llama.cpp decode vs the serial and batched engines, printed as a Markdown table.
+
+    python -m bench.engine_speed [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--threads 2] [--tokens 128]
+
+1. Raw: plain batch-1 ``llama_decode`` in a loop (llama-bench's tg128: one token per call, no sampling), and the
+   prompt-processing time of the benchmark's own chat prompt in one ``llama_decode`` (TTFT's floor), plus pp512.
+2. For each engine (serial, batched): a real ``edgellm serve`` on a loopback port (by default; ``--mode engine``
+   drives the engine in-process instead), streamed chat completions of ``--tokens`` tokens, 1, 2 and 4 at a time.
+   Aggregate tok/s = completion tokens of all streams / wall time of the round; per-stream tok/s = tokens after
+   the first / time after the first; TTFT = request sent -> first non-empty text chunk.
+
+The numbers are only comparable within one run: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL_NAME = "bench-model"
+TOPICS = ["a dragon", "the sea", "a robot", "a lighthouse", "a market town", "a comet", "a violin", "a glacier"]
+
+
+def prompt(i: int) -> str:
+    return f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}."
+
+
+# -- raw llama.cpp --------------------------------------------------------------------------------------------------
+def raw_speed(model_path: Path, threads: int, n_gen: int, chat_tokens: list[int], reps: int = 3) -> dict[str, float]:
+    import llama_cpp as ll
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)
+    ll.llama_backend_init()
+    model = ll.llama_model_load_from_file(str(model_path).encode(), ll.llama_model_default_params())
+    cparams = ll.llama_context_default_params()
+    cparams.n_ctx = 1024
+    cparams.n_batch = cparams.n_ubatch = 512
+    cparams.n_threads = cparams.n_threads_batch = threads
+    cparams.no_perf = True
+    ctx = ll.llama_init_from_model(model, cparams)
+    mem = ll.llama_get_memory(ctx)
+    n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
+    batch = ll.llama_batch_init(512, 0, 1)
+
+    def decode(tokens: list[int], p0: int) -> None:
+        for i, t in enumerate(tokens):
+            batch.token[i] = t
+            batch.pos[i] = p0 + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 0
+        batch.logits[len(tokens) - 1] = 1
+        batch.n_tokens = len(tokens)
+        rc = ll.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    out: dict[str, list[float]] = {"tg": [], "pp512": [], "pp_chat_ms": []}
+    decode([1], 0)  # warm up
+    for _ in range(reps):
+        ll.llama_memory_clear(mem, True)
+        t0 = time.perf_counter()
+        decode([(i * 7919) % n_vocab for i in range(512)], 0)
+        out["pp512"].append(512 / (time.perf_counter() - t0))
+        ll.llama_memory_clear(mem, True)
+        t0 = time.perf_counter()
+        decode(chat_tokens, 0)
+        out["pp_chat_ms"].append((time.perf_counter() - t0) * 1000)
+        ll.llama_memory_clear(mem, True)
+        decode([1], 0)
+        t0 = time.perf_counter()
+        for i in range(n_gen):
+            decode([(i * 31 + 7) % n_vocab], i + 1)
+        out["tg"].append(n_gen / (time.perf_counter() - t0))
+    ll.llama_batch_free(batch)
+    ll.llama_free(ctx)
+    ll.llama_model_free(model)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+# -- one streamed request -----------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    ttft: float
+    tokens: int
+    first: float
+    end: float
+    start: float
+
+
+async def stream_http(client: Any, url: str, i: int, n_tokens: int) -> Result:
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": prompt(i)}],
+        "max_tokens": n_tokens,
+        "temperature": 0.8,
+        "seed": i,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for c in chunk.get("choices", []):
+                if c["delta"].get("content") and not first:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    return Result(ttft=first - start, tokens=tokens, first=first, end=end, start=start)
+
+
+async def stream_engine(engine: Any, i: int, n_tokens: int) -> Result:
+    from serve.engine.base import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
+
+    req = GenerationRequest(
+        model=MODEL_NAME,
+        messages=(ChatMessage("user", prompt(i)),),
+        params=SamplingParams(max_tokens=n_tokens, temperature=0.8, seed=i),
+    )
+    start = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    gen = await engine.submit(req)
+    async for ev in gen:
+        if isinstance(ev, TextDelta) and ev.text and not first:
+            first = time.perf_counter()
+        elif isinstance(ev, Finished):
+            tokens = ev.completion_tokens
+    await gen.aclose()
+    end = time.perf_counter()
+    return Result(ttft=first - start, tokens=tokens, first=first, end=end, start=start)
+
+
+@dataclass
+class Level:
+    streams: int
+    aggregate: float
+    per_stream: float
+    ttft_p50: float
+    ttft_p95: float
+    tokens: int
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+async def run_levels(one: Any, levels: list[int], rounds: int, n_tokens: int) -> list[Level]:
+    await one(0)  # warm up
+    out = []
+    for n in levels:
+        results: list[Result] = []
+        walls: list[float] = []
+        total = 0
+        for r in range(rounds if n > 1 else rounds * 2):
+            t0 = time.perf_counter()
+            got = await asyncio.gather(*(one(r * n + k) for k in range(n)))
+            walls.append(time.perf_counter() - t0)
+            total += sum(g.tokens for g in got)
+            results.extend(got)
+        per = [(g.tokens - 1) / (g.end - g.first) for g in results if g.tokens > 1 and g.end > g.first]
+        ttfts = [g.ttft * 1000 for g in results]
+        out.append(
+            Level(
+                streams=n,
+                aggregate=total / sum(walls),
+                per_stream=statistics.mean(per),
+                ttft_p50=pct(ttfts, 0.5),
+                ttft_p95=pct(ttfts, 0.95),
+                tokens=total,
+            )
+        )
+    return out
+
+
+# -- engines --------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bench_http(engine: str, model: Path, threads: int, levels: list[int], rounds: int, n_tokens: int) -> list[Level]:
+    import httpx
+
+    port = free_port()
+    args = [
+        sys.executable, "-m", "edgellm", "serve", "--port", str(port), "--model", str(model), "--engine", engine,
+        "--set", f"models.0.name={MODEL_NAME}", "--set", f"models.0.n_threads={threads}",
+        "--set", "models.0.n_ctx=1024", "--set", "slots=4", "--log-level", "warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("server not ready")
+            time.sleep(0.2)
+
+        async def main() -> list[Level]:
+            async with httpx.AsyncClient(timeout=300) as client:
+                return await run_levels(lambda i: stream_http(client, url, i, n_tokens), levels, rounds, n_tokens)
+
+        return asyncio.run(main())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bench_engine(engine: str, model: Path, threads: int, levels: list[int], rounds: int, n_tokens: int) -> list[Level]:
+    from serve.engine.specs import ModelSpec
+
+    spec = ModelSpec(name=MODEL_NAME, path=model, n_ctx=1024, n_threads=threads)
+
+    async def main() -> list[Level]:
+        if engine == "batched":
+            from serve.engine.batched import BatchedEngine
+
+            e: Any = await asyncio.to_thread(BatchedEngine, [spec], 4)
+        else:
+            from serve.engine.serial import SerialEngine
+
+            e = await asyncio.to_thread(SerialEngine, [spec])
+        try:
+            return await run_levels(lambda i: stream_engine(e, i, n_tokens), levels, rounds, n_tokens)
+        finally:
+            await e.close()
+
+    return asyncio.run(main())
+
+
+def chat_prompt_tokens(model: Path) -> list[int]:
+    """The tokens of the benchmark's chat prompt, rendered as the engines render it."""
+    import llama_cpp as ll
+    from llama_cpp._internals import LlamaModel
+
+    from serve.engine.base import ChatMessage
+    from serve.engine.prompt import ChatTemplate
+
+    m = LlamaModel(path_model=str(model), params=ll.llama_model_default_params(), verbose=False)
+    try:
+        bos = m.token_get_text(m.token_bos()) if m.token_bos() >= 0 else ""
+        eos = m.token_get_text(m.token_eos()) if m.token_eos() >= 0 else ""
+        text = ChatTemplate.from_metadata(m.metadata(), bos, eos).render([ChatMessage("user", prompt(0))])
+        return list(m.tokenize(text.encode(), add_bos=True, special=True))
+    finally:
+        m.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level (one stream: twice as many)")
+    ap.add_argument("--levels", default="1,2,4")
+    ap.add_argument("--engines", default="serial,batched")
+    ap.add_argument("--mode", choices=["http", "engine"], default="http")
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    chat_tokens = chat_prompt_tokens(args.model)
+    raw = raw_speed(args.model, args.threads, args.tokens, chat_tokens)
+    rows: dict[str, list[Level]] = {}
+    run = bench_http if args.mode == "http" else bench_engine
+    for engine in args.engines.split(","):
+        rows[engine] = run(engine, args.model, args.threads, levels, args.rounds, args.tokens)
+    raw_after = raw_speed(args.model, args.threads, args.tokens, chat_tokens)
+
+    tg = (raw["tg"] + raw_after["tg"]) / 2
+    print(f"\nmodel {args.model.name}, {args.threads} threads, {args.tokens}-token answers, mode {args.mode}\n")
+    print(
+        f"raw batch-1 llama_decode: tg{args.tokens} {raw['tg']:.1f} tok/s before, {raw_after['tg']:.1f} after "
+        f"(mean {tg:.1f}); pp512 {raw['pp512']:.0f} tok/s; the chat prompt ({len(chat_tokens)} tokens) in "
+        f"{raw['pp_chat_ms']:.1f} ms\n"
+    )
+    print("| engine | streams | aggregate tok/s | x raw tg | per-stream tok/s | TTFT p50 ms | TTFT p95 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| raw llama_decode | 1 | {tg:.1f} | 1.00 | {tg:.1f} | {raw['pp_chat_ms']:.1f} | |")
+    for engine, lv in rows.items():
+        for x in lv:
+            print(
+                f"| {engine} | {x.streams} | {x.aggregate:.1f} | {x.aggregate / tg:.2f} | {x.per_stream:.1f} "
+                f"| {x.ttft_p50:.1f} | {x.ttft_p95:.1f} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

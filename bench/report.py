@@ -1,0 +1,177 @@
+"""Markdown tables and PNG charts for the bench reports (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgellm.fsutil import atomic_path
+
+if TYPE_CHECKING:
+    from bench.loadtest import ServeReport
+    from bench.quant import QuantReport
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _speed(s: dict[str, Any]) -> str:
+    return f"{s['median_ts']:.1f} ± {s['stdev_ts']:.1f}"
+
+
+def quant_table(report: QuantReport) -> str:
+    sys_ = report.system
+    lines = [
+        f"# Quantization variants of {report.model}",
+        "",
+        f"Reference: **{report.reference}**"
+        + ("" if report.reference_is_float else " (not a float file: quality is relative to it)")
+        + f". Quality on {report.text}: {report.n_chunks} chunk(s) of {report.n_ctx} tokens, second half of each "
+        f"scored. Speed: median ± stdev over {report.reps} rep(s) after a warm-up, {report.threads} thread(s), "
+        f"llama.cpp CPU backend (llama-cpp-python {sys_.get('llama_cpp_python')}"
+        + ("" if report.repack else ", repacked/AMX weights off")
+        + f"), {sys_.get('physical_cpus')} physical / {sys_.get('logical_cpus')} logical CPUs. "
+        "Peak RSS is the whole measuring process (Python + llama.cpp + model); load time with mmap.",
+        "",
+        f"| variant | type | size MiB | BPW | load s | peak RSS MiB | pp{report.n_prompt} t/s | tg{report.n_gen} t/s "
+        "| PPL | ln(PPL/PPL ref) | mean KLD | p99 KLD | top-1 agree |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for v in report.variants:
+        q = v.quality
+        if v.is_reference:
+            quality = [f"{q['ppl']:.3f}", "reference", "–", "–", "–"]
+        else:
+            quality = [
+                f"{q['ppl']:.3f}",
+                f"{q['ln_ppl_ratio']:+.4f}",
+                f"{q['kld_mean']:.5f} ± {q['kld_mean_unc']:.5f}",
+                f"{q['kld_p99']:.4f}",
+                f"{100 * q['top1_agreement']:.1f}%",
+            ]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    v.label,
+                    v.quant,
+                    f"{v.size_bytes / 2**20:.1f}",
+                    f"{v.bits_per_weight:.2f}",
+                    f"{v.load_s:.2f}",
+                    f"{v.peak_rss_mib:.0f}",
+                    _speed(v.pp),
+                    _speed(v.tg),
+                    *quality,
+                ]
+            )
+            + " |"
+        )
+    n_scored = report.variants[0].quality["n_scored"]
+    lines += ["", f"{n_scored} scored tokens; {report.n_text_tokens} tokens in the text.", ""]
+    return "\n".join(lines)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def quant_chart(report: QuantReport, path: Path) -> None:
+    """Left: mean KL divergence vs size on disk; right: pp and tg tokens/s per variant (median, stdev bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_q, ax_pp, ax_tg) = plt.subplots(1, 3, figsize=(15, 4.5))
+    for v in report.variants:
+        size = v.size_bytes / 2**20
+        kld = 0.0 if v.is_reference else v.quality["kld_mean"]
+        ax_q.scatter(size, kld, s=40, color="tab:red" if v.is_reference else "tab:blue")
+        ax_q.annotate(v.label, (size, kld), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    ax_q.set_xlabel("size on disk (MiB)")
+    ax_q.set_ylabel(f"mean KL divergence vs {report.reference}")
+    ax_q.set_title("quality loss vs size")
+    ax_q.grid(alpha=0.3)
+
+    labels = [v.label for v in report.variants]
+    for ax, key, title in ((ax_pp, "pp", f"prompt processing (pp{report.n_prompt})"),
+                           (ax_tg, "tg", f"generation (tg{report.n_gen})")):
+        med = [getattr(v, key)["median_ts"] for v in report.variants]
+        err = [getattr(v, key)["stdev_ts"] for v in report.variants]
+        ax.bar(labels, med, yerr=err, capsize=4, color="tab:green" if key == "pp" else "tab:orange")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{title}, {report.threads} thread(s)")
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{report.model}: quantization variants")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _ms(x: float | None) -> str:
+    return _f(None if x is None else 1000 * x, ".1f")
+
+
+def serve_table(report: ServeReport) -> str:
+    lines = [
+        f"# Load test of {report.url}",
+        "",
+        f"Model `{report.model}`; {report.requests} streaming chat request(s) per concurrency level, max_tokens "
+        f"{report.max_tokens}, temperature 0; per-request timeout {report.timeout_s:g} s. Completion tokens from the "
+        "server's usage chunk when it sends one, else counted as content chunks. Inter-token latency is the gap "
+        "between content chunks.",
+        "",
+        "| concurrency | ok | errors | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | latency p50 s "
+        "| completion tokens | tokens/s (aggregate) | wall s |",
+        "|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for lv in report.levels:
+        errors = ", ".join(f"{k}: {n}" for k, n in sorted(lv.errors.items())) or "0"
+        lines.append(
+            f"| {lv.concurrency} | {lv.ok}/{lv.requests} | {errors} | {_ms(lv.ttft_p50_s)} | {_ms(lv.ttft_p95_s)} "
+            f"| {_ms(lv.itl_p50_s)} | {_ms(lv.itl_p95_s)} | {_f(lv.latency_p50_s, '.2f')} | {lv.completion_tokens} "
+            f"| {lv.tokens_per_s:.1f} | {lv.wall_s:.2f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def serve_chart(report: ServeReport, path: Path) -> None:
+    """Left: TTFT and ITL percentiles vs concurrency; right: aggregate completion tokens/s vs concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conc = [lv.concurrency for lv in report.levels]
+    fig, (ax_l, ax_t) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for attr, style, name in (
+        ("ttft_p50_s", "o-", "TTFT p50"),
+        ("ttft_p95_s", "o--", "TTFT p95"),
+        ("itl_p50_s", "s-", "ITL p50"),
+        ("itl_p95_s", "s--", "ITL p95"),
+    ):
+        ys = [getattr(lv, attr) for lv in report.levels]
+        pts = [(c, 1000 * y) for c, y in zip(conc, ys, strict=True) if y is not None]
+        if pts:
+            ax_l.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+    ax_l.set_xlabel("concurrency")
+    ax_l.set_ylabel("ms")
+    ax_l.set_xticks(conc)
+    ax_l.set_title("latency")
+    ax_l.grid(alpha=0.3)
+    ax_l.legend()
+    ax_t.plot(conc, [lv.tokens_per_s for lv in report.levels], "o-", color="tab:green")
+    ax_t.set_xlabel("concurrency")
+    ax_t.set_ylabel("completion tokens/s")
+    ax_t.set_xticks(conc)
+    ax_t.set_title("aggregate throughput")
+    ax_t.grid(alpha=0.3)
+    fig.suptitle(f"{report.url} ({report.model})")
+    fig.tight_layout()
+    _save(fig, path)
