@@ -8,6 +8,7 @@ errors by kind:
 
 - ``connect``: connection refused or unreachable;  ``timeout``: a request took longer than ``timeout`` seconds;
 - ``http_<status>``: an error status;  ``truncated``: the stream ended or broke before ``[DONE]``;
+- ``disconnected``: the server closed the connection before answering (it may have crashed);
 - ``bad_stream``: a chunk that is not JSON, or an ``error`` object inside the stream;
 - ``deadline``: cut off by the run's overall time limit (``max_seconds``); ``not_started``: never sent because of it.
 
@@ -142,8 +143,10 @@ async def _stream_chat(client: Any, base: str, model: str, prompt: str, max_toke
     content_chunks = 0
     usage_tokens: int | None = None
     done = False
+    status: int | None = None
     try:
         async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+            status = resp.status_code
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 res.error, res.detail = f"http_{resp.status_code}", text[:200]
@@ -181,7 +184,9 @@ async def _stream_chat(client: Any, base: str, model: str, prompt: str, max_toke
         res.error, res.detail = "timeout", f"{type(e).__name__}: {e}"[:200]
         return res
     except (httpx.RemoteProtocolError, httpx.ReadError) as e:
-        res.error, res.detail = "truncated", f"{type(e).__name__}: {e}"[:200]
+        # Before the status line the server hung up (often: it crashed); after it, the stream broke.
+        res.error = "truncated" if status is not None else "disconnected"
+        res.detail = f"{type(e).__name__}: {e}"[:200]
         return res
     except httpx.HTTPError as e:
         res.error, res.detail = type(e).__name__, str(e)[:200]

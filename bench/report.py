@@ -165,7 +165,10 @@ def serve_chart(report: ServeReport, path: Path) -> None:
     ax_l.set_xticks(conc)
     ax_l.set_title("latency")
     ax_l.grid(alpha=0.3)
-    ax_l.legend()
+    if ax_l.get_lines():
+        ax_l.legend()
+    else:
+        ax_l.text(0.5, 0.5, "no successful requests", ha="center", va="center", transform=ax_l.transAxes)
     ax_t.plot(conc, [lv.tokens_per_s for lv in report.levels], "o-", color="tab:green")
     ax_t.set_xlabel("concurrency")
     ax_t.set_ylabel("completion tokens/s")

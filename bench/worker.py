@@ -5,7 +5,7 @@ a llama.cpp crash from taking the whole benchmark down. The process reads a JSON
 JSON lines on stdout: ``{"event": "progress", "step": ...}`` after each unit of work, then one
 ``{"event": "result", ...}``. llama.cpp's own log is silenced.
 
-Order of work: load (timed) -> speed (llama-bench protocol) -> read peak RSS -> quality (chunks of held-out
+Order of work: load (timed) -> tokenize the text -> speed (llama-bench protocol) -> read peak RSS -> quality (chunks of held-out
 text, reading or writing the reference log-probabilities).
 """
 
@@ -102,6 +102,14 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
     )
     _emit("progress", step="load")
     with runner:
+        # The text first: a text too short for one chunk fails before minutes of speed tests.
+        text = Path(spec.text_path).read_text(encoding="utf-8")
+        tokens = runner.tokenize(text)
+        chunks = quality.chunk_tokens(tokens, spec.n_ctx, spec.max_chunks)
+        if chunks.shape[0] == 0:
+            raise ValueError(
+                f"{spec.text_path} has {len(tokens)} tokens; the quality test needs at least n_ctx={spec.n_ctx}"
+            )
         first_token = runner.bos if runner.add_bos else None
 
         def random_tokens(n: int) -> list[int]:
@@ -139,13 +147,6 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
         peak_rss = _peak_rss_mib()
 
         # -- quality ------------------------------------------------------------------------------------------
-        text = Path(spec.text_path).read_text(encoding="utf-8")
-        tokens = runner.tokenize(text)
-        chunks = quality.chunk_tokens(tokens, spec.n_ctx, spec.max_chunks)
-        if chunks.shape[0] == 0:
-            raise ValueError(
-                f"{spec.text_path} has {len(tokens)} tokens; the quality test needs at least n_ctx={spec.n_ctx}"
-            )
         first, n_scored = quality.scored_span(spec.n_ctx)
         outputs = [first <= p < first + n_scored for p in range(spec.n_ctx)]
         ref_dir = Path(spec.ref_dir)
