@@ -15,9 +15,11 @@ import errno
 import importlib.metadata
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -29,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -218,6 +221,7 @@ def run_converter(
                 if dst.exists():
                     bar.update(dst.stat().st_size - bar.n)
             if dst.exists():
+                bar.total = max(bar.total or 0, dst.stat().st_size)
                 bar.update(dst.stat().st_size - bar.n)
         errlog.seek(0)
         output = errlog.read()
@@ -348,32 +352,97 @@ class GGUFInfo:
         return round(self.tensor_bytes * 8 / max(self.n_params, 1), 4)
 
 
+# GGUF metadata value types (gguf.GGUFValueType) -> struct format of a scalar; 8 = string, 9 = array.
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+class _Cursor:
+    """A little-endian reader over a GGUF header (just enough to skip arrays fast; gguf.GGUFReader parses every
+    tokenizer entry into its own numpy array, which takes seconds for a 49k-token vocabulary)."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf, self.pos = buf, 0
+
+    def read(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += struct.calcsize("<" + fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.read("Q")
+        self.pos += n
+        return bytes(self.buf[self.pos - n : self.pos]).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, keep: bool) -> Any:
+        if vtype in _SCALAR:
+            return self.read(_SCALAR[vtype])
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            etype, count = self.read("I"), self.read("Q")
+            if etype in _SCALAR and not keep:
+                self.pos += count * struct.calcsize("<" + _SCALAR[etype])
+                return count
+            items = [self.value(etype, keep) for _ in range(count)]
+            return items if keep else count
+        raise ConvertError(f"unknown GGUF value type {vtype} at byte {self.pos}")
+
+
+def _parse_header(
+    path: Path, c: _Cursor, quant_sizes: Any, qtype: Any
+) -> tuple[dict[str, Any], Counter[str], int, int]:
+    try:
+        if bytes(c.buf[:4]) != b"GGUF":
+            raise ConvertError(f"{path}: not a GGUF file (magic {bytes(c.buf[:4])!r})")
+        c.pos = 4
+        version, n_tensors, n_kv = c.read("I"), c.read("Q"), c.read("Q")
+        if version < 2:
+            raise ConvertError(f"{path}: GGUF version {version} is too old")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = c.string()
+            meta[key] = c.value(c.read("I"), keep=not key.startswith("tokenizer.ggml."))
+        types: Counter[str] = Counter()
+        n_params = n_bytes = 0
+        for _ in range(n_tensors):
+            c.string()
+            dims = [c.read("Q") for _ in range(c.read("I"))]
+            ttype = qtype(c.read("I"))
+            c.read("Q")  # offset
+            n = 1
+            for d in dims:
+                n *= d
+            block, size = quant_sizes[ttype]
+            types[ttype.name] += 1
+            n_params += n
+            n_bytes += n // block * size
+    except struct.error:
+        raise ConvertError(f"{path}: truncated GGUF header") from None
+    return meta, types, n_params, n_bytes
+
+
 def read_gguf(path: Path) -> GGUFInfo:
-    from gguf import GGUFReader
+    """Tensor-type histogram, parameter count, tensor bytes and the metadata edgellm records, from the header."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    reader = GGUFReader(path, "r")
-    types: Counter[str] = Counter()
-    n_params = n_bytes = 0
-    for t in reader.tensors:
-        types[t.tensor_type.name] += 1
-        n_params += int(t.n_elements)
-        n_bytes += int(t.n_bytes)
-
-    def field_value(key: str) -> object:
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
-
-    arch = str(field_value("general.architecture") or "")
-    ctx = field_value(f"{arch}.context_length")
-    tokens = reader.get_field("tokenizer.ggml.tokens")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            meta, types, n_params, n_bytes = _parse_header(
+                path, _Cursor(view), GGML_QUANT_SIZES, GGMLQuantizationType
+            )
+        finally:
+            view.release()
+    arch = str(meta.get("general.architecture", ""))
+    ctx = meta.get(f"{arch}.context_length")
     return GGUFInfo(
         tensor_types=dict(sorted(types.items())),
         n_params=n_params,
         tensor_bytes=n_bytes,
         architecture=arch,
         context_length=int(ctx) if isinstance(ctx, int) else None,
-        has_tokenizer=tokens is not None and len(tokens.data) > 0,
-        has_chat_template=bool(field_value("tokenizer.chat_template")),
+        has_tokenizer=bool(meta.get("tokenizer.ggml.tokens")),
+        has_chat_template=bool(meta.get("tokenizer.chat_template")),
     )
 
 
