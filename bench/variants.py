@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from edgellm.errors import EdgeLLMError
 
@@ -49,17 +51,64 @@ class VariantSet:
         return self.reference.is_float
 
 
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def gguf_file_type(path: Path) -> int | None:
+    """``general.file_type`` from a GGUF header, or None when absent.
+
+    A small reader that stops at the key: gguf-py's GGUFReader parses every tokenizer entry first (seconds per file).
+    """
+
+    def read(f: BinaryIO, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("unexpected end of file in the GGUF header")
+        return struct.unpack(fmt, data)[0]
+
+    def skip(f: BinaryIO, vtype: int) -> None:
+        if vtype in _SCALAR:
+            f.seek(struct.calcsize(_SCALAR[vtype]), 1)
+        elif vtype == _STRING:
+            f.seek(read(f, "<Q"), 1)
+        elif vtype == _ARRAY:
+            etype, count = read(f, "<I"), read(f, "<Q")
+            if etype in _SCALAR:
+                f.seek(struct.calcsize(_SCALAR[etype]) * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, etype)
+        else:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (bad magic)")
+        version = read(f, "<I")
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is too old")
+        _n_tensors, n_kv = read(f, "<Q"), read(f, "<Q")
+        for _ in range(n_kv):
+            key = f.read(read(f, "<Q")).decode("utf-8", errors="replace")
+            vtype = read(f, "<I")
+            if key == "general.file_type" and vtype in _SCALAR:
+                return int(read(f, _SCALAR[vtype]))
+            skip(f, vtype)
+    return None
+
+
 def quant_of(path: Path) -> str:
     """The GGUF's ``general.file_type`` as a llama.cpp type name, or the quant suffix of its file name."""
     try:
-        import gguf
+        file_type = gguf_file_type(path)
+        if file_type is not None:
+            import gguf
 
-        reader = gguf.GGUFReader(path)
-        field = reader.fields.get("general.file_type")
-        if field is not None:
-            name = gguf.LlamaFileType(int(field.contents())).name
+            name = gguf.LlamaFileType(file_type).name
             return {"ALL_F32": "F32"}.get(name, name.removeprefix("MOSTLY_"))
-    except Exception as e:  # unreadable metadata: the file name is the next best source
+    except (OSError, ValueError) as e:  # unreadable metadata: the file name is the next best source
         log.debug("cannot read general.file_type of %s: %s", path, e)
     if m := _NAME_QUANT.search(path.stem):
         return m.group(1).upper()
