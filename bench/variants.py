@@ -104,10 +104,12 @@ def quant_of(path: Path) -> str:
     try:
         file_type = gguf_file_type(path)
         if file_type is not None:
-            import gguf
+            import llama_cpp
 
-            name = gguf.LlamaFileType(file_type).name
-            return {"ALL_F32": "F32"}.get(name, name.removeprefix("MOSTLY_"))
+            names = {v: k for k, v in vars(llama_cpp).items() if k.startswith("LLAMA_FTYPE_") and isinstance(v, int)}
+            if file_type in names:
+                name = names[file_type].removeprefix("LLAMA_FTYPE_")
+                return {"ALL_F32": "F32"}.get(name, name.removeprefix("MOSTLY_"))
     except (OSError, ValueError) as e:  # unreadable metadata: the file name is the next best source
         log.debug("cannot read general.file_type of %s: %s", path, e)
     if m := _NAME_QUANT.search(path.stem):
