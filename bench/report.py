@@ -81,7 +81,7 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def quant_chart(report: QuantReport, path: Path) -> None:
-    """Left: mean KL divergence vs size on disk; right: pp and tg tokens/s per variant (median, stdev bars)."""
+    """Left: mean and p99 KL divergence vs size on disk; right: pp and tg tokens/s per variant (median, stdev)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,11 +90,25 @@ def quant_chart(report: QuantReport, path: Path) -> None:
     fig, (ax_q, ax_pp, ax_tg) = plt.subplots(1, 3, figsize=(15, 4.5))
     for v in report.variants:
         size = v.size_bytes / 2**20
-        kld = 0.0 if v.is_reference else v.quality["kld_mean"]
-        ax_q.scatter(size, kld, s=40, color="tab:red" if v.is_reference else "tab:blue")
-        ax_q.annotate(v.label, (size, kld), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        if v.is_reference:
+            ax_q.axvline(size, color="tab:red", linestyle="--", linewidth=1)
+            ax_q.annotate(f"{v.label} (reference)", (size, 0.5), xycoords=("data", "axes fraction"),
+                          rotation=90, ha="right", va="center", fontsize=9, color="tab:red")
+            continue
+        mean, p99 = v.quality["kld_mean"], v.quality["kld_p99"]
+        ax_q.scatter(size, mean, s=40, color="tab:blue", label="mean KLD" if not ax_q.collections else None)
+        ax_q.scatter(size, p99, s=40, marker="x", color="tab:purple",
+                     label="p99 KLD" if len(ax_q.collections) == 1 else None)
+        ax_q.annotate(v.label, (size, mean), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    if ax_q.collections:
+        positive = all(v.quality["kld_mean"] > 0 for v in report.variants if not v.is_reference)
+        if positive:
+            ax_q.set_yscale("log")
+        else:  # a variant identical to the reference has KLD 0
+            ax_q.set_yscale("symlog", linthresh=1e-6)
+        ax_q.legend(loc="upper right")
     ax_q.set_xlabel("size on disk (MiB)")
-    ax_q.set_ylabel(f"mean KL divergence vs {report.reference}")
+    ax_q.set_ylabel(f"KL divergence vs {report.reference} (nats)")
     ax_q.set_title("quality loss vs size")
     ax_q.grid(alpha=0.3)
 
