@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -107,6 +108,43 @@ def _load(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None):  # -
         raise ConvertError(f"llama.cpp cannot load {path.name}: {e}") from e
 
 
+def _compare(llm: Any, reference: HFReference, result: Verification, label: str) -> None:
+    """Fill ``result`` with the tokenizer check and KL(hf || gguf) over every position of the reference prompts."""
+    tokenizer_ok = True
+    kls: list[float] = []
+    top1: list[bool] = []
+    for prompt, ids, hf_lp in zip(reference.prompts, reference.token_ids, reference.logprobs, strict=True):
+        ours = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        if list(ours) != list(ids):
+            tokenizer_ok = False
+            log.warning(
+                "%s tokenizes %r as %s, Hugging Face as %s", label, prompt[:30], ours[:12], list(ids[:12])
+            )
+        llm.reset()
+        llm.eval(list(ids))
+        gg_lp = _log_softmax(np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+        if gg_lp.shape != hf_lp.shape:
+            raise RoundTripError(
+                f"{label}: vocabulary size {gg_lp.shape[1]} differs from Hugging Face's {hf_lp.shape[1]}"
+            )
+        p = np.exp(hf_lp.astype(np.float64))
+        kls.extend((p * (hf_lp - gg_lp)).sum(axis=-1).tolist())
+        top1.extend((hf_lp.argmax(-1) == gg_lp.argmax(-1)).tolist())
+    result.tokenizer_matches_hf = tokenizer_ok
+    result.kl_mean = float(np.mean(kls))
+    result.kl_max = float(np.max(kls))
+    result.top1_agreement = float(np.mean(top1))
+    result.n_positions = len(kls)
+    log.info(
+        "%s: KL(hf || gguf) mean %.2e max %.2e over %d positions, top-1 agreement %.3f",
+        label,
+        result.kl_mean,
+        result.kl_max,
+        result.n_positions,
+        result.top1_agreement,
+    )
+
+
 def verify_gguf(
     path: Path,
     reference: HFReference | None,
@@ -114,7 +152,7 @@ def verify_gguf(
     n_threads: int | None = None,
     label: str | None = None,
 ) -> Verification:
-    """Load ``path`` in llama.cpp, greedy-generate through its embedded chat template, and compare it to ``reference``.
+    """Load ``path`` in llama.cpp, compare it to ``reference``, and greedy-generate through its embedded chat template.
 
     With ``kl_threshold`` set, a mean KL divergence above it (or a tokenizer mismatch) raises `RoundTripError`.
     """
@@ -122,61 +160,26 @@ def verify_gguf(
     n_ctx = max([256, *(len(ids) + 8 for ids in (reference.token_ids if reference else ()))])
     llm = _load(path, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
     try:
-        if "tokenizer.chat_template" not in llm.metadata:
-            raise ConvertError(f"{label} has no chat template inside (tokenizer.chat_template)")
-        out = llm.create_chat_completion(messages=GENERATE_MESSAGES, max_tokens=16, temperature=0.0, seed=0)
-        text = out["choices"][0]["message"]["content"] or ""
-        if out["usage"]["completion_tokens"] < 1:
-            raise ConvertError(f"{label} loaded but generated nothing")
-        result = Verification(loads=True, prompt=GENERATE_MESSAGES[0]["content"], greedy_text=text)
-        if reference is None:
-            return result
-
-        tokenizer_ok = True
-        kls, top1 = [], []
-        for prompt, ids, hf_lp in zip(
-            reference.prompts, reference.token_ids, reference.logprobs, strict=True
-        ):
-            ours = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-            if list(ours) != list(ids):
-                tokenizer_ok = False
-                log.warning(
-                    "%s tokenizes %r as %s, Hugging Face as %s", label, prompt[:30], ours[:12], list(ids[:12])
-                )
-            llm.reset()
-            llm.eval(list(ids))
-            gg_lp = _log_softmax(np.asarray(llm.scores[: len(ids)], dtype=np.float32))
-            if gg_lp.shape != hf_lp.shape:
-                raise RoundTripError(
-                    f"{label}: vocabulary size {gg_lp.shape[1]} differs from Hugging Face's {hf_lp.shape[1]}"
-                )
-            p = np.exp(hf_lp.astype(np.float64))
-            kls.extend((p * (hf_lp - gg_lp)).sum(axis=-1).tolist())
-            top1.extend((hf_lp.argmax(-1) == gg_lp.argmax(-1)).tolist())
-        result.tokenizer_matches_hf = tokenizer_ok
-        result.kl_mean = float(np.mean(kls))
-        result.kl_max = float(np.max(kls))
-        result.top1_agreement = float(np.mean(top1))
-        result.n_positions = len(kls)
-        result.kl_threshold = kl_threshold
-        log.info(
-            "%s: KL(hf || gguf) mean %.2e max %.2e over %d positions, top-1 agreement %.3f",
-            label,
-            result.kl_mean,
-            result.kl_max,
-            result.n_positions,
-            result.top1_agreement,
-        )
-        if kl_threshold is not None:
-            if not tokenizer_ok:
+        result = Verification(loads=True, prompt=GENERATE_MESSAGES[0]["content"])
+        if reference is not None:
+            _compare(llm, reference, result, label)
+            result.kl_threshold = kl_threshold
+            if kl_threshold is not None and not result.tokenizer_matches_hf:
                 raise RoundTripError(
                     f"{label}: the embedded tokenizer does not match the Hugging Face tokenizer"
                 )
-            if not result.kl_mean < kl_threshold:
+            if kl_threshold is not None and not (result.kl_mean or 0.0) < kl_threshold:
                 raise RoundTripError(
                     f"{label} does not reproduce the Hugging Face model: mean KL divergence {result.kl_mean:.3g} "
                     f"(max {result.kl_max:.3g}) over {result.n_positions} positions, threshold {kl_threshold:g}"
                 )
+        if "tokenizer.chat_template" not in llm.metadata:
+            raise ConvertError(f"{label} has no chat template inside (tokenizer.chat_template)")
+        llm.reset()
+        out = llm.create_chat_completion(messages=GENERATE_MESSAGES, max_tokens=16, temperature=0.0, seed=0)
+        result.greedy_text = out["choices"][0]["message"]["content"] or ""
+        if out["usage"]["completion_tokens"] < 1:
+            raise ConvertError(f"{label} loaded but generated nothing (end of sequence right away)")
         return result
     finally:
         llm.close()

@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 from convert.llamacpp import ConvertError, DiskFullError, UnsupportedArchitectureError, ensure_converter  # noqa: E402
 from convert.manifest import ManifestError, load_manifest  # noqa: E402
 from convert.recipe import convert_model  # noqa: E402
-from convert.verify import RoundTripError, hf_reference, verify_gguf  # noqa: E402
+from convert.verify import DEFAULT_PROMPTS, RoundTripError, hf_reference, verify_gguf  # noqa: E402
 from edgellm.fsutil import sha256_file  # noqa: E402
 from edgellm.paths import models_dir  # noqa: E402
 
@@ -242,7 +242,7 @@ def test_base_model_converts_with_reported_k_quant_fallbacks(tmp_path, converter
     assert q8.tensor_types == {"Q8_0": 211, "F32": 61}
     assert q4.verification.top1_agreement > 0.6
 
-    reference = hf_reference(BASE_HF)
+    reference = hf_reference(BASE_HF, prompts=DEFAULT_PROMPTS[:2])
     bad = tmp_path / "corrupted.gguf"
     shutil.copy(f16.absolute_path, bad)
     corrupt_tensor(bad, "blk.0.attn_q.weight")
