@@ -1,0 +1,142 @@
+"""The QLoRA recipe's settings: one YAML (configs/train/*.yaml) that mirrors these models, validated by key."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from edgellm.config import load_config
+
+ENV_PREFIX = "EDGELLM_TRAIN"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(_Strict):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$", description="adapter name; a folder under the run when several"
+    )
+    path: Path
+
+
+class DataSettings(_Strict):
+    format: Literal["auto", "alpaca", "chat"] = "auto"
+    max_tokens: int = Field(512, gt=8)
+    on_invalid: Literal["skip", "fail"] = "skip"
+    forbidden_phrases: list[str] = []
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    loss_on: Literal["assistant", "all"] = "assistant"
+
+    @field_validator("split")
+    @classmethod
+    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] <= 0:
+            raise ValueError("train, validation and test fractions must be >= 0, train > 0, and sum to 1")
+        return v
+
+
+class QuantSettings(_Strict):
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+
+class TrainingSettings(_Strict):
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    max_steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = True
+    eval_every: int = Field(50, gt=0)
+    save_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    optimizer: Literal["auto", "adamw", "paged_adamw"] = "auto"
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainingSettings:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of max_steps and epochs")
+        return self
+
+
+class MergeSettings(_Strict):
+    enabled: bool = True
+    base: Literal["original", "dequantized"] = "original"
+    dtype: Literal["bfloat16", "float16"] = "float16"
+    compare_bases: bool = True
+
+
+class EvalSettings(_Strict):
+    """`edgellm train eval`: loss on the test split and a behaviour check on greedy answers, base vs merged."""
+
+    prompts: Path | None = None
+    use_test_split: bool = True
+    expect_prefix: str | None = None
+    max_words: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(96, gt=0)
+    batch_size: int = Field(8, gt=0)
+
+
+class TrainConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base_model: str = "base"
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    output_dir: Path = Path("runs")
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: bool = True
+    data: DataSettings = DataSettings()
+    quantization: QuantSettings = QuantSettings()
+    lora: LoraSettings = LoraSettings()
+    training: TrainingSettings
+    merge: MergeSettings = MergeSettings()
+    eval: EvalSettings = EvalSettings()
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique(cls, v: list[DatasetSpec]) -> list[DatasetSpec]:
+        names = [d.name for d in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dataset names must be unique, got {names}")
+        return v
+
+    def run_dir(self) -> Path:
+        return _resolve(self.output_dir) / self.name
+
+    def adapter_dirs(self) -> dict[str, Path]:
+        """Where each dataset's adapter run lives: the run folder itself, or one subfolder per dataset."""
+        if len(self.datasets) == 1:
+            return {self.datasets[0].name: self.run_dir()}
+        return {d.name: self.run_dir() / d.name for d in self.datasets}
+
+
+def _resolve(path: Path) -> Path:
+    """Relative paths in recipes are relative to the current directory (the repository root under make)."""
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+def resolve_path(path: Path) -> Path:
+    return _resolve(Path(path))
+
+
+def load_train_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides, env_prefix=ENV_PREFIX)

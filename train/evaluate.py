@@ -1,0 +1,156 @@
+"""`edgellm train eval runs/<name>`: did the fine-tune change the model, measured on data it never trained on?
+
+For each adapter folder: the loss on the test split of the base and of the merged model, and a behaviour check
+on greedy answers to held-out prompts (the test split's prompts and, optionally, a file of prompts unlike the
+training ones): the share of answers that start with ``eval.expect_prefix`` and end within ``eval.max_words``
+words. Results go to ``<folder>/eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import EdgeLLMError
+from edgellm.fsutil import atomic_write_text
+from train import data as D
+from train.config import EvalSettings, load_train_config, resolve_path
+from train.merge import adapter_folders
+from train.modeling import load_tokenizer, mean_loss, pick_device, resolve_base_model
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_run(run: Path) -> list[dict[str, Any]]:
+    return [evaluate_folder(folder) for folder in adapter_folders(run)]
+
+
+def evaluate_folder(folder: Path) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_train_config(folder / "config.yaml")
+    merged_dir = folder / "merged"
+    if not (merged_dir / "config.json").is_file():
+        raise EdgeLLMError(f"{merged_dir} is missing; run `edgellm train merge {folder}` first")
+    device = pick_device(config.device)
+    tokenizer = load_tokenizer(str(merged_dir))
+    test = D.read_split(folder / "data")["test"]
+    rows = [D.encode(tokenizer, ex.as_messages(), config.data.loss_on) for ex in test]
+    prompts = held_out_prompts(config.eval, test)
+    models = {"base": resolve_base_model(config.base_model), "merged": str(merged_dir)}
+
+    result: dict[str, Any] = {
+        "folder": str(folder),
+        "test_examples": len(rows),
+        "prompts": len(prompts),
+        "models": {},
+    }
+    for label, path in models.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        started = time.perf_counter()
+        loss = mean_loss(model, rows, tokenizer.pad_token_id, device) if rows else None
+        answers = generate(
+            model, tokenizer, prompts, config.eval.max_new_tokens, config.eval.batch_size, device
+        )
+        checks = [check_answer(a, done, config.eval) for a, done in answers]
+        summary: dict[str, Any] = {
+            "path": path,
+            "test_loss": loss,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if config.eval.expect_prefix is not None or config.eval.max_words is not None:
+            summary["pass_share"] = sum(c["pass"] for c in checks) / max(len(checks), 1)
+            summary["prefix_share"] = sum(c["prefix"] for c in checks) / max(len(checks), 1)
+            summary["within_words_share"] = sum(c["within_words"] for c in checks) / max(len(checks), 1)
+            summary["pass_share_extra_prompts"] = _share(
+                [c for c, p in zip(checks, prompts, strict=True) if p["set"] == "extra"]
+            )
+            summary["pass_share_test_split"] = _share(
+                [c for c, p in zip(checks, prompts, strict=True) if p["set"] == "test"]
+            )
+        summary["answers"] = [
+            p | {"answer": a} | c for p, (a, _), c in zip(prompts, answers, checks, strict=True)
+        ]
+        result["models"][label] = summary
+        log.info("%s: test loss %s, pass share %s", label, loss, summary.get("pass_share"))
+        del model
+    atomic_write_text(folder / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+def _share(checks: list[dict[str, Any]]) -> float | None:
+    return sum(c["pass"] for c in checks) / len(checks) if checks else None
+
+
+def held_out_prompts(settings: EvalSettings, test: list[D.Example]) -> list[dict[str, Any]]:
+    """Conversations up to (not including) the last assistant turn, from the test split and the prompts file."""
+    out: list[dict[str, Any]] = []
+    if settings.use_test_split:
+        for ex in test:
+            msgs = ex.as_messages()
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            out.append({"set": "test", "messages": msgs[:last]})
+    if settings.prompts is not None:
+        path = resolve_path(settings.prompts)
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if "prompt" not in obj:
+                raise EdgeLLMError(f"{path}:{lineno}: missing field 'prompt'")
+            out.append({"set": "extra", "messages": [{"role": "user", "content": obj["prompt"]}]})
+    return out
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[dict[str, Any]],
+    max_new_tokens: int,
+    batch_size: int,
+    device: str,
+) -> list[tuple[str, bool]]:
+    """Greedy answers, batched with left padding; each with whether it ended (end-of-turn) before the limit."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    eos = tokenizer.eos_token_id
+    out: list[tuple[str, bool]] = []
+    for i in range(0, len(prompts), batch_size):
+        texts = [
+            tokenizer.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True)
+            for p in prompts[i : i + batch_size]
+        ]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+            )
+        for row in gen[:, enc["input_ids"].shape[1] :]:
+            ids = row.tolist()
+            done = eos in ids
+            if done:
+                ids = ids[: ids.index(eos)]
+            out.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), done))
+    return out
+
+
+def check_answer(answer: str, finished: bool, settings: EvalSettings) -> dict[str, Any]:
+    words = len(answer.split())
+    prefix = settings.expect_prefix is None or answer.startswith(settings.expect_prefix)
+    within = settings.max_words is None or (finished and words <= settings.max_words)
+    return {
+        "words": words,
+        "finished": finished,
+        "prefix": prefix,
+        "within_words": within,
+        "pass": prefix and within,
+    }
