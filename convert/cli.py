@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-kl", type=float, default=1e-3, help="round-trip gate: mean KL(hf || 16-bit gguf)")
     p.add_argument("--threads", type=int, default=None, help="threads for quantization and verification")
     p.add_argument(
+        "--imatrix-text",
+        type=Path,
+        default=None,
+        help="calibration text (.txt, or .jsonl whose strings are used) for an importance matrix; default: none",
+    )
+    p.add_argument(
         "--force", action="store_true", help="redo every output even if its recorded sha256 matches"
     )
     p.set_defaults(func=_run)
@@ -65,6 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         max_kl=args.max_kl,
         threads=args.threads,
         force=args.force,
+        imatrix_text=args.imatrix_text,
     )
     ref = manifest.reference
     kl = ref.verification.kl_mean if ref.verification else None

@@ -304,8 +304,33 @@ def _capture_llama_log(bar: tqdm) -> Iterator[QuantizeLog]:
             captured.lines.append("".join(pending))
 
 
-def quantize(src: Path, dst: Path, quant: str, n_params: int, nthread: int = 0) -> QuantizeLog:
-    """``llama_model_quantize(src -> dst)`` with the default parameters and ``ftype`` for ``quant``."""
+def _imatrix_array(values: Mapping[str, Any]) -> tuple[Any, list[Any]]:
+    """A NULL-name-terminated ``llama_model_imatrix_data`` array, and the buffers that must outlive the call."""
+    import llama_cpp
+    import numpy as np
+
+    arr = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
+    keep = []
+    for i, (name, v) in enumerate(sorted(values.items())):
+        data = np.ascontiguousarray(v, dtype=np.float32)
+        keep.append(data)
+        arr[i].name = name.encode()
+        arr[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = data.size
+    arr[len(values)].name = None
+    return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), [arr, keep]
+
+
+def quantize(
+    src: Path,
+    dst: Path,
+    quant: str,
+    n_params: int,
+    nthread: int = 0,
+    imatrix: Mapping[str, Any] | None = None,
+) -> QuantizeLog:
+    """``llama_model_quantize(src -> dst)`` with the default parameters, ``ftype`` for ``quant`` and, if given, an
+    importance matrix (GGUF tensor name -> mean squared input activation per column)."""
     import llama_cpp
 
     if quant not in QUANT_FTYPES:
@@ -314,9 +339,13 @@ def quantize(src: Path, dst: Path, quant: str, n_params: int, nthread: int = 0) 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[quant]
     params.nthread = nthread
+    keep_alive = None
+    if imatrix:
+        params.imatrix, keep_alive = _imatrix_array(imatrix)
     with tqdm(total=None, unit="tensor", desc=f"quantize -> {quant}", file=sys.stderr) as bar:
         with _capture_llama_log(bar) as qlog:
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    del keep_alive
     if rc != 0:
         tail = "\n".join(qlog.lines[-10:])
         if "No space left" in tail or shutil.disk_usage(dst.parent).free < (1 << 20):

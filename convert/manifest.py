@@ -61,6 +61,9 @@ class ManifestFile(BaseModel):
     architecture: str = ""
     context_length: int | None = None
     has_chat_template: bool = False
+    # Importance matrix the quantizer used: sha256 of the calibration text and its token count (None: no imatrix).
+    imatrix_text_sha256: str | None = None
+    imatrix_tokens: int = 0
     verification: Verification | None = None
 
     _root: Path | None = PrivateAttr(default=None)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from convert.imatrix import Imatrix, compute_imatrix, read_calibration_text
 from convert.llamacpp import (
     QUANT_FTYPES,
     Converter,
@@ -135,13 +136,19 @@ def _previous(out: Path) -> Manifest | None:
 
 
 def _reusable(
-    prev: Manifest | None, quant: str, source: SourceInfo, tools: ToolVersions
+    prev: Manifest | None, quant: str, source: SourceInfo, tools: ToolVersions, imatrix_sha: str | None = None
 ) -> ManifestFile | None:
-    """The previous entry for ``quant`` if it came from the same source and tools and its file still matches."""
+    """The previous entry for ``quant`` if it came from the same source, tools and calibration text, and its file
+    still matches its recorded sha256."""
     if prev is None or prev.source.sha256 != source.sha256 or prev.tools != tools:
         return None
     for f in (prev.reference, *prev.files):
-        if f.quant == quant and f.absolute_path.is_file() and sha256_file(f.absolute_path) == f.sha256:
+        if (
+            f.quant == quant
+            and f.imatrix_text_sha256 == imatrix_sha
+            and f.absolute_path.is_file()
+            and sha256_file(f.absolute_path) == f.sha256
+        ):
             return f
     return None
 
@@ -189,11 +196,13 @@ def convert_model(
     max_kl: float = MAX_KL,
     threads: int | None = None,
     force: bool = False,
+    imatrix_text: Path | None = None,
 ) -> Manifest:
     """Convert ``src`` into ``out/<name>-<quant>.gguf`` for each of ``quants`` and write ``out/manifest.json``.
 
     The 16-bit ``base_type`` file is always made first (the manifest's ``reference``) and must reproduce the Hugging
-    Face model's next-token distributions (mean KL < ``max_kl``); the quantized files are made from it.
+    Face model's next-token distributions (mean KL < ``max_kl``); the quantized files are made from it, with an
+    importance matrix from ``imatrix_text`` (a text or .jsonl file run through the Hugging Face model) if given.
     """
     src, out = Path(src).resolve(), Path(out)
     name = name or out.resolve().name
@@ -253,9 +262,16 @@ def convert_model(
             return _describe(tmp, base_type, check, fallbacks={})
 
         reference = _write_output(base_path, make_reference)
+    base_path = out / reference.path  # a reused reference keeps its recorded name
 
     # Decide what is reusable before anything is rewritten (an interrupted rerun must not forget finished files).
-    reusable = {q: reference if q == base_type else _reusable(prev, q, source_info, tools) for q in quants}
+    calibration = read_calibration_text(imatrix_text) if imatrix_text else None
+    imatrix_sha = hashlib.sha256(calibration.encode()).hexdigest() if calibration else None
+    reusable = {
+        q: reference if q == base_type else _reusable(prev, q, source_info, tools, imatrix_sha)
+        for q in quants
+    }
+    imatrix: Imatrix | None = None
     manifest = Manifest(
         name=name,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -279,13 +295,21 @@ def convert_model(
             if quant != base_type:
                 log.info("%s-%s.gguf is up to date (sha256 matches the manifest); skipping", name, quant)
         else:
+            if calibration is not None and imatrix is None:
+                imatrix = compute_imatrix(src, calibration, reference.architecture)
 
-            def make_variant(tmp: Path, quant: str = quant) -> ManifestFile:
-                qlog = quantize(base_path, tmp, quant, source.n_params, nthread=nthread)
+            def make_variant(
+                tmp: Path, quant: str = quant, imatrix: Imatrix | None = imatrix
+            ) -> ManifestFile:
+                values = imatrix.values if imatrix else None
+                qlog = quantize(base_path, tmp, quant, source.n_params, nthread=nthread, imatrix=values)
                 check = verify_gguf(
                     tmp, hf(), kl_threshold=None, n_threads=threads, label=f"{name}-{quant}.gguf"
                 )
-                return _describe(tmp, quant, check, fallbacks=qlog.fallbacks())
+                entry = _describe(tmp, quant, check, fallbacks=qlog.fallbacks())
+                if imatrix is not None:
+                    entry.imatrix_text_sha256, entry.imatrix_tokens = imatrix.text_sha256, imatrix.n_tokens
+                return entry
 
             entry = _write_output(out / f"{name}-{quant}.gguf", make_variant)
         done.append(entry)

@@ -91,7 +91,7 @@ def _no_extra_buffer_types() -> Iterator[None]:
         lib.llama_model_default_params = original
 
 
-def _load(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None):  # -> llama_cpp.Llama
+def load_llama(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None):  # -> llama_cpp.Llama
     from llama_cpp import Llama
 
     try:
@@ -158,7 +158,7 @@ def verify_gguf(
     """
     label = label or path.name
     n_ctx = max([256, *(len(ids) + 8 for ids in (reference.token_ids if reference else ()))])
-    llm = _load(path, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
+    llm = load_llama(path, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
     try:
         result = Verification(loads=True, prompt=GENERATE_MESSAGES[0]["content"])
         if reference is not None:

@@ -163,7 +163,7 @@ def test_interrupted_quantization_leaves_no_file_under_a_final_name(tiny_convert
     out = tiny_converted.root
     import convert.recipe as recipe
 
-    def interrupted(src: Path, dst: Path, quant: str, n_params: int, nthread: int = 0):
+    def interrupted(src: Path, dst: Path, quant: str, n_params: int, **kwargs):
         dst.write_bytes(b"GGUF" + b"\0" * 1000)  # half a file
         raise KeyboardInterrupt
 
@@ -173,6 +173,27 @@ def test_interrupted_quantization_leaves_no_file_under_a_final_name(tiny_convert
     assert not (out / "tiny-q4_0.gguf").exists()
     assert not list(out.glob(".*.tmp"))
     assert [f.quant for f in load_manifest(out).files] == QUANTS  # finished outputs stay recorded
+
+
+CALIBRATION = (
+    "Squeak! Read the stack trace from the top: the first line in your own code is the culprit. "
+    "Water boils at 100 degrees Celsius at sea level, and at lower temperatures on a mountain. "
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n"
+)
+
+
+def test_importance_matrix_changes_the_quantization_and_is_recorded(tiny_converted, tiny_llama, tmp_path):
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_converted.root, out)  # the manifest's paths are relative: the folder moves as a whole
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(CALIBRATION * 20)
+    m = convert_model(tiny_llama, out, quants=["q4_k_m"], imatrix_text=calibration)
+    assert m.reference.sha256 == tiny_converted.reference.sha256  # reused, not reconverted
+    q4 = m.variant("q4_k_m")
+    assert q4.imatrix_text_sha256 and q4.imatrix_tokens > 100
+    assert q4.sha256 != tiny_converted.variant("q4_k_m").sha256
+    assert q4.tensor_types == tiny_converted.variant("q4_k_m").tensor_types
+    assert q4.verification.kl_mean < 1.0
 
 
 def test_clear_errors(tmp_path, tiny_llama, converter, monkeypatch):
