@@ -32,20 +32,22 @@ def client(server: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def ask(client: openai.OpenAI, content: str, **kw: object) -> str:
-    r = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": content}], temperature=0, **kw
-    )
+CAPITAL = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+def ask(client: openai.OpenAI, content: str | list[dict[str, str]], **kw: object) -> str:
+    messages = [{"role": "user", "content": content}] if isinstance(content, str) else content
+    r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kw)
     return r.choices[0].message.content or ""
 
 
 def test_openai_client_chat_non_streaming(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model=MODEL,
-        messages=[
-            {"role": "system", "content": "You are a concise assistant."},
-            {"role": "user", "content": "What is the capital of France?"},
-        ],
+        messages=CAPITAL,
         max_tokens=40,
         temperature=0,
     )
@@ -59,7 +61,7 @@ def test_openai_client_chat_non_streaming(client: openai.OpenAI) -> None:
 def test_openai_client_chat_streaming(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
         model=MODEL,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=CAPITAL,
         max_tokens=40,
         temperature=0,
         stream=True,
@@ -73,7 +75,7 @@ def test_openai_client_chat_streaming(client: openai.OpenAI) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens > 0
     # the streamed answer is the non-streamed answer
-    assert text == ask(client, "What is the capital of France?", max_tokens=40)
+    assert text == ask(client, CAPITAL, max_tokens=40)
     assert "Paris" in text
 
 
