@@ -2,6 +2,7 @@
 
 edgellm convert setup                                   # fetch llama.cpp's converter into the cache (idempotent)
 edgellm convert runs/demo/merged --quant q4_k_m q8_0 --out models/demo/
+edgellm convert --config configs/convert.yaml            # the same, from a YAML that mirrors convert_model
 """
 
 from __future__ import annotations
@@ -21,57 +22,61 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the converter (pass ./setup for a model directory of that name).",
     )
     p.add_argument(
-        "src", metavar="HF_MODEL_DIR|setup", help="model directory (config.json + safetensors), or `setup`"
+        "src",
+        nargs="?",
+        metavar="HF_MODEL_DIR|setup",
+        help="model directory (config.json + safetensors), or `setup`",
+    )
+    p.add_argument("--config", type=Path, default=None, help="settings YAML, e.g. configs/convert.yaml")
+    p.add_argument(
+        "--quant", dest="quants", nargs="+", choices=QUANT_CHOICES, help="types to make (q4_k_m q8_0)"
+    )
+    p.add_argument("--out", type=Path, help="output folder (default: models/<source folder name>)")
+    p.add_argument("--name", help="model name in the manifest (default: the output folder's name)")
+    p.add_argument("--base-type", choices=("f16", "bf16"), help="16-bit type from the converter (f16)")
+    p.add_argument("--max-kl", type=float, help="round-trip gate: mean KL(hf || 16-bit gguf) (0.001)")
+    p.add_argument("--threads", type=int, help="threads for quantization and verification")
+    p.add_argument(
+        "--imatrix-text", type=Path, help="calibration .txt/.jsonl for an importance matrix (none)"
     )
     p.add_argument(
-        "--quant", nargs="+", default=["q4_k_m", "q8_0"], choices=QUANT_CHOICES, help="types to make"
-    )
-    p.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: models/<source folder name>)"
-    )
-    p.add_argument(
-        "--name", default=None, help="model name in the manifest (default: the output folder's name)"
-    )
-    p.add_argument(
-        "--base-type", default="f16", choices=("f16", "bf16"), help="16-bit type from the converter"
-    )
-    p.add_argument("--max-kl", type=float, default=1e-3, help="round-trip gate: mean KL(hf || 16-bit gguf)")
-    p.add_argument("--threads", type=int, default=None, help="threads for quantization and verification")
-    p.add_argument(
-        "--imatrix-text",
-        type=Path,
-        default=None,
-        help="calibration text (.txt, or .jsonl whose strings are used) for an importance matrix; default: none",
-    )
-    p.add_argument(
-        "--force", action="store_true", help="redo every output even if its recorded sha256 matches"
+        "--force", action="store_true", default=None, help="redo outputs even if their sha256 matches"
     )
     p.set_defaults(func=_run)
+
+
+_KEYS = ("src", "out", "quants", "name", "base_type", "max_kl", "threads", "imatrix_text", "force")
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.src == "setup":
         from convert.llamacpp import setup_converter
 
-        converter = setup_converter(force=args.force)
+        converter = setup_converter(force=bool(args.force))
         print(f"llama.cpp converter {converter.version}: {converter.root}")
         return 0
 
+    from convert.llamacpp import ConvertError
     from convert.recipe import convert_model
+    from convert.settings import load_convert_settings
     from edgellm.paths import models_dir
 
-    src = Path(args.src)
-    out = args.out or models_dir() / src.resolve().name
+    overrides = {k: getattr(args, k) for k in _KEYS}
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}
+    settings = load_convert_settings(args.config, overrides)
+    if settings.src is None:
+        raise ConvertError("no model directory: pass HF_MODEL_DIR or a --config with `src:`")
+    out = settings.out or models_dir() / settings.src.resolve().name
     manifest = convert_model(
-        src,
+        settings.src,
         out,
-        quants=args.quant,
-        name=args.name,
-        base_type=args.base_type,
-        max_kl=args.max_kl,
-        threads=args.threads,
-        force=args.force,
-        imatrix_text=args.imatrix_text,
+        quants=settings.quants,
+        name=settings.name,
+        base_type=settings.base_type,
+        max_kl=settings.max_kl,
+        threads=settings.threads,
+        force=settings.force,
+        imatrix_text=settings.imatrix_text,
     )
     ref = manifest.reference
     kl = ref.verification.kl_mean if ref.verification else None

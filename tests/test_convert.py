@@ -269,3 +269,22 @@ def test_base_model_converts_with_reported_k_quant_fallbacks(tmp_path, converter
     corrupt_tensor(bad, "blk.0.attn_q.weight")
     with pytest.raises(RoundTripError):
         verify_gguf(bad, reference, kl_threshold=1e-3)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("convert*.yaml")), ids=str)
+def test_shipped_convert_configs_load(path):
+    from convert.settings import load_convert_settings
+
+    settings = load_convert_settings(path)
+    assert settings.src is not None and settings.quants
+
+
+def test_convert_config_errors_name_key_and_line(tmp_path):
+    from convert.settings import load_convert_settings
+    from edgellm.config import ConfigError
+
+    bad = tmp_path / "convert.yaml"
+    bad.write_text("src: x\nquants: [q4_k_m, q3]\nbogus: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_convert_settings(bad)
+    assert f"{bad}:2: quants.1" in str(e.value) and f"{bad}:3: bogus: unknown key" in str(e.value)
