@@ -4,7 +4,7 @@ sampler chains.
 Per model: one llama context with ``slots`` sequences and one scheduler thread. Each step the scheduler
 
 1. admits waiting requests into free slots (the slot whose cached tokens share the longest prefix with the
-   prompt, so the next turn of a chat reuses its KV instead of recomputing it; ties go to the least recently used),
+   prompt, so the next turn of a chat reuses its KV instead of recomputing it; ties go to the lowest slot),
 2. frees the slots of cancelled requests (client gone),
 3. builds one ``llama_batch``: the last sampled token of every generating sequence, then prompt tokens of the
    sequences still reading their prompt (a whole ``n_batch`` when nobody is generating, at most ``prompt_chunk``
@@ -13,9 +13,12 @@ Per model: one llama context with ``slots`` sequences and one scheduler thread. 
    (``llama_sampler_sample`` in C, no copy of the logits), detokenizes incrementally and emits the text.
 
 Context sizing: ``ModelSpec.n_ctx`` is what one request can hold. The llama context has ``n_ctx * slots`` cells
-and ``n_seq_max = slots``. By default the KV cache is unified (one buffer shared by the sequences, as
-llama-server's default): any mix of sequences and prompt chunks is one ubatch, and flash attention skips the
-other sequences' cells. Since every sequence is capped at ``n_ctx``, the cache can never run out of cells.
+and ``n_seq_max = slots``; by default the KV cache is split per sequence (``kv_unified=False``: each slot owns a
+stream of ``n_ctx`` cells, padded to 256), so a request that fits is never short of cells, and each sequence's
+attention sees only its own cells in position order: a greedy answer does not depend on what else is in the batch
+(with the unified cache it does; see the tests). llama.cpp decodes one ubatch per run of consecutive sequence ids
+with equal token counts, so the batch lists sequences in id order and new requests take the lowest free slot
+among those with the longest cached prefix. ``kv_unified=True`` is llama-server's default (one shared buffer).
 Memory: the KV cache is ``slots`` times the serial engine's (SmolLM2-135M at n_ctx=4096, 4 slots: ~360 MiB f16).
 """
 
@@ -89,7 +92,6 @@ class _Slot:
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
         self.cache: list[int] = []  # tokens whose K/V this sequence holds, at positions 0..len-1
-        self.last_used = 0.0
         self.job: _Job | None = None
         # the request being served
         self.pending: list[int] = []  # prompt tokens not evaluated yet
@@ -115,7 +117,8 @@ class BatchedModel:
         slots: int,
         queue_size: int,
         prompt_chunk: int = 128,
-        kv_unified: bool = True,
+        kv_unified: bool = False,
+        flash_attn: bool | None = None,
     ) -> None:
         import llama_cpp as ll
         from llama_cpp._internals import LlamaModel
@@ -145,6 +148,10 @@ class BatchedModel:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = kv_unified
+        if flash_attn is not None:
+            cparams.flash_attn_type = (
+                ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
         cparams.no_perf = True
         self._ctx = ll.llama_init_from_model(self._model.model, cparams)
         if not self._ctx:
@@ -248,10 +255,11 @@ class BatchedModel:
             job = self._waiting.popleft()
             if job.cancelled.is_set():
                 continue
-            best = max(free, key=lambda s: (_common_prefix(s.cache, job.tokens), -s.last_used))
+            best = max(free, key=lambda s: (_common_prefix(s.cache, job.tokens), -s.seq_id))
             free.remove(best)
             best.job = job
             self._active.append(best)
+            self._active.sort(key=lambda s: s.seq_id)
             admitted.append(best)
         return admitted
 
@@ -409,7 +417,6 @@ class BatchedModel:
         s.pending = []
         s.detok = None
         s.stop = None
-        s.last_used = time.perf_counter()
         if s in self._active:
             self._active.remove(s)
 
@@ -423,14 +430,15 @@ class BatchedEngine:
         slots: int = 4,
         queue_size: int = 64,
         prompt_chunk: int = 128,
-        kv_unified: bool = True,
+        kv_unified: bool = False,
+        flash_attn: bool | None = None,
     ) -> None:
         self._models: dict[str, BatchedModel] = {}
         try:
             for spec in specs:
                 log.info("loading %s from %s (%d slots of %d tokens)", spec.name, spec.path, slots, spec.n_ctx)
                 self._models[spec.name] = BatchedModel(
-                    spec, slots, queue_size, prompt_chunk=prompt_chunk, kv_unified=kv_unified
+                    spec, slots, queue_size, prompt_chunk=prompt_chunk, kv_unified=kv_unified, flash_attn=flash_attn
                 )
         except BaseException:
             for m in self._models.values():
