@@ -185,6 +185,9 @@ def ensure_converter() -> Converter:
     return find_converter() or setup_converter()
 
 
+_NEARLY_FULL = 16 << 20  # after a failed write, less free space than this means the disk filled up
+
+
 def check_free(path: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(path).free
     if free < need:
@@ -228,9 +231,9 @@ def run_converter(
     log.debug("converter output:\n%s", output)
     if proc.returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-15:])
-        if "No space left on device" in output:
+        if "No space left on device" in output or shutil.disk_usage(dst.parent).free < _NEARLY_FULL:
             raise DiskFullError(
-                f"the disk filled up while converting {src} to {dst.name}; free some space and rerun"
+                f"the disk filled up while converting {src} to {outtype} in {dst.parent}; free some space and rerun"
             )
         if m := re.search(r"Model (\S+) is not supported", output):
             raise UnsupportedArchitectureError(
@@ -335,7 +338,7 @@ def quantize(
 
     if quant not in QUANT_FTYPES:
         raise ConvertError(f"unknown quant type {quant!r}; choose from {', '.join(QUANT_FTYPES)}")
-    check_free(dst.parent, int(n_params * BITS_GUESS[quant] / 8 * 1.1) + (1 << 20), f"{dst.name}")
+    check_free(dst.parent, int(n_params * BITS_GUESS[quant] / 8 * 1.1) + (1 << 20), f"the {quant} file")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_FTYPES[quant]
     params.nthread = nthread
@@ -348,8 +351,10 @@ def quantize(
     del keep_alive
     if rc != 0:
         tail = "\n".join(qlog.lines[-10:])
-        if "No space left" in tail or shutil.disk_usage(dst.parent).free < (1 << 20):
-            raise DiskFullError(f"the disk filled up while quantizing {dst.name}; free some space and rerun")
+        if "No space left" in tail or shutil.disk_usage(dst.parent).free < _NEARLY_FULL:
+            raise DiskFullError(
+                f"the disk filled up while quantizing to {quant} in {dst.parent}; free some space and rerun"
+            )
         raise ConvertError(f"llama.cpp failed to quantize {src.name} to {quant} (code {rc}):\n{tail}")
     if fb := qlog.fallbacks():
         n = sum(fb.values())
