@@ -56,7 +56,7 @@ def read_calibration_text(path: Path) -> str:
 
 
 def compute_imatrix(
-    model_dir: Path, text: str, gguf_arch: str, max_tokens: int = 8192, window: int = 256
+    model_dir: Path, text: str, gguf_arch: str, max_tokens: int = 2048, window: int = 256
 ) -> Imatrix:
     import gguf
     import torch

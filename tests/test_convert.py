@@ -288,3 +288,25 @@ def test_convert_config_errors_name_key_and_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_convert_settings(bad)
     assert f"{bad}:2: quants.1" in str(e.value) and f"{bad}:3: bogus: unknown key" in str(e.value)
+
+
+def test_behaviour_shares_run_the_train_check_on_every_variant(tiny_converted, tmp_path):
+    import yaml
+
+    from convert.behaviour import behaviour_shares
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "train" / "demo.yaml").read_text())
+    config["eval"] = {**config["eval"], "prompts": None, "max_new_tokens": 8}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    example = {"messages": [{"role": "user", "content": "How do I focus?"}, {"role": "assistant", "content": "Squeak!"}]}
+    for split in ("train", "validation", "test"):
+        (run / "data" / f"{split}.jsonl").write_text(json.dumps(example) + "\n")
+    shares = behaviour_shares(tiny_converted.root, run, out=tmp_path / "behaviour.json")
+    assert list(shares) == QUANTS  # the reference (f16) first, then the other variants
+    for quant, r in shares.items():
+        assert r["model"] == f"tiny:{quant}" and r["prompts"] == 1
+        assert r["pass_share"] == 0.0  # a random model does not say "Squeak!"
+        assert r["answers"][0]["answer"]
+    assert json.loads((tmp_path / "behaviour.json").read_text())["q8_0"]["prompts"] == 1
