@@ -66,7 +66,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from train.evaluate import evaluate_run
 
-    for result in evaluate_run(Path(args.run)):
+    for result in evaluate_run(Path(args.run), tuple(args.models)):
         for label, summary in result["models"].items():
             shown = {k: v for k, v in summary.items() if k != "answers"}
             print(f"{result['folder']} {label}: {json.dumps(shown)}")
@@ -111,6 +111,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("eval", help="test loss and behaviour check, base vs merged (writes <run>/eval.json)")
     e.add_argument("run", help="the run folder, e.g. runs/demo")
+    e.add_argument(
+        "--models",
+        nargs="+",
+        choices=["base", "merged"],
+        default=["base", "merged"],
+        help="which models to evaluate",
+    )
     e.set_defaults(func=_eval)
 
     r = sub.add_parser("reranker", help="fine-tune the cross-encoder reranker")

@@ -24,32 +24,43 @@ from train.modeling import load_tokenizer, mean_loss, pick_device, resolve_base_
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(run: Path) -> list[dict[str, Any]]:
-    return [evaluate_folder(folder) for folder in adapter_folders(run)]
+def evaluate_run(run: Path, models: tuple[str, ...] = ("base", "merged")) -> list[dict[str, Any]]:
+    return [evaluate_folder(folder, models) for folder in adapter_folders(run)]
 
 
-def evaluate_folder(folder: Path) -> dict[str, Any]:
+def evaluate_folder(folder: Path, which: tuple[str, ...] = ("base", "merged")) -> dict[str, Any]:
+    """Evaluate the base and/or the merged model; results for a model not re-evaluated are kept from an earlier
+    ``eval.json`` made with the same prompts (so the base can be measured while the adapter trains)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     config = load_train_config(folder / "config.yaml")
     merged_dir = folder / "merged"
-    if not (merged_dir / "config.json").is_file():
+    if "merged" in which and not (merged_dir / "config.json").is_file():
         raise EdgeLLMError(f"{merged_dir} is missing; run `edgellm train merge {folder}` first")
     device = pick_device(config.device)
-    tokenizer = load_tokenizer(str(merged_dir))
+    base_path = resolve_base_model(config.base_model)
+    tokenizer = load_tokenizer(base_path)
     test = D.read_split(folder / "data")["test"]
     rows = [D.encode(tokenizer, ex.as_messages(), config.data.loss_on) for ex in test]
     prompts = held_out_prompts(config.eval, test)
-    models = {"base": resolve_base_model(config.base_model), "merged": str(merged_dir)}
+    models = {"base": base_path, "merged": str(merged_dir)}
 
     result: dict[str, Any] = {
         "folder": str(folder),
         "test_examples": len(rows),
         "prompts": len(prompts),
+        "eval": config.eval.model_dump(mode="json"),
         "models": {},
     }
-    for label, path in models.items():
+    previous = folder / "eval.json"
+    same = ("test_examples", "prompts", "eval")
+    if previous.is_file():
+        old = json.loads(previous.read_text(encoding="utf-8"))
+        if all(old.get(k) == result[k] for k in same):
+            result["models"] = {k: v for k, v in old.get("models", {}).items() if k not in which}
+    for label in which:
+        path = models[label]
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         started = time.perf_counter()
         loss = mean_loss(model, rows, tokenizer.pad_token_id, device) if rows else None

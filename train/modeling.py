@@ -83,9 +83,26 @@ def load_base(path: str, device: str, quant: QuantSettings | None = None) -> Any
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=dtype,
     )
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=bnb, dtype=dtype, device_map={"": device}
     )
+    keep_4bit_layers_trainable(model)
+    return model
+
+
+def keep_4bit_layers_trainable(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` run in eval mode without grad repacks its weight into a bf16
+    inference layout, for good. Training after that (say, after an evaluation) goes through a kernel with no
+    autograd support: gradients stop flowing through the frozen layers, silently. The repacked layout also
+    rounds the scales to bf16, so the model is no longer the one the adapter is trained against.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_live_adapter(base_path: str, adapter_dir: Path, device: str, quant: QuantSettings) -> Any:

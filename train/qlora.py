@@ -121,9 +121,13 @@ def train_adapter(config: TrainConfig, spec: DatasetSpec, folder: Path, base_pat
     model = load_base(base_path, device, config.quantization)
     model.config.use_cache = False
     if config.quantization.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif t.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=config.lora.r,
