@@ -120,7 +120,7 @@ def test_tiny_llama_converts_quantizes_and_verifies(tiny_converted, tiny_llama):
     # bits per weight = tensor bytes * 8 / parameters; the tied embedding is 90% of this model and q4_k_m keeps it Q6_K.
     assert 16 < f16.bits_per_weight < 16.1 and 8.4 < q8.bits_per_weight < 8.6 and 4.5 < q4.bits_per_weight < 7
     assert f16.size > q8.size > q4.size
-    assert f16.verification.kl_mean < 1e-3 and f16.verification.top1_agreement == 1.0
+    assert f16.verification.kl_mean < 1e-3 and f16.verification.top1_agreement > 0.95  # near-ties may flip
     assert f16.verification.kl_threshold == 1e-3
     assert f16.verification.kl_mean < q8.verification.kl_mean < q4.verification.kl_mean
     assert not list(out.glob(".*.tmp"))
