@@ -130,21 +130,26 @@ def _measure(variant: Variant, spec: dict[str, Any], bar: tqdm) -> dict[str, Any
         proc.stdin.close()
         result: dict[str, Any] | None = None
         failure: dict[str, Any] | None = None
-        for line in proc.stdout:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                log.debug("worker: %s", line.rstrip())
-                continue
-            kind = event.pop("event", None)
-            if kind == "progress":
-                bar.update(1)
-                bar.set_postfix_str(f"{variant.label}: {event.get('step', '')}")
-            elif kind == "result":
-                result = event
-            elif kind == "error":
-                failure = event
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    log.debug("worker: %s", line.rstrip())
+                    continue
+                kind = event.pop("event", None)
+                if kind == "progress":
+                    bar.update(1)
+                    bar.set_postfix_str(f"{variant.label}: {event.get('step', '')}")
+                elif kind == "result":
+                    result = event
+                elif kind == "error":
+                    failure = event
+            rc = proc.wait()
+        finally:  # interrupted (Ctrl-C): do not leave the worker running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         err.seek(0)
         tail = "\n".join(err.read().strip().splitlines()[-8:])
     if failure is not None:
