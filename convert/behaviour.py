@@ -9,6 +9,7 @@ llama.cpp and the chat template inside each file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -21,8 +22,13 @@ from edgellm.fsutil import atomic_write_text
 log = logging.getLogger(__name__)
 
 
-def behaviour_shares(manifest_path: Path, run: Path, out: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Pass shares per variant (the 16-bit reference first) on the run's held-out prompts; written to ``out``."""
+def behaviour_shares(
+    manifest_path: Path, run: Path, out: Path | None = None, max_prompts: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Pass shares per variant (the 16-bit reference first) on the run's held-out prompts; written to ``out``.
+
+    ``max_prompts`` takes that many, alternating between the test split and the extra prompts file.
+    """
     from train import data as D
     from train.config import load_train_config
     from train.evaluate import check_answer, held_out_prompts
@@ -30,6 +36,10 @@ def behaviour_shares(manifest_path: Path, run: Path, out: Path | None = None) ->
     manifest = load_manifest(manifest_path)
     config = load_train_config(run / "config.yaml")
     prompts = held_out_prompts(config.eval, D.read_split(run / "data")["test"])
+    if max_prompts is not None:
+        by_set = [[p for p in prompts if p["set"] == s] for s in ("test", "extra")]
+        mixed = [p for pair in itertools.zip_longest(*by_set) for p in pair if p is not None]
+        prompts = mixed[:max_prompts]
     results: dict[str, dict[str, Any]] = {}
     for f in [manifest.reference, *(f for f in manifest.files if f.quant != manifest.reference.quant)]:
         llm = load_llama(f.absolute_path, n_ctx=1024, logits_all=False, n_threads=None)
