@@ -69,10 +69,11 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 @contextmanager
 def _no_extra_buffer_types() -> Iterator[None]:
-    """Load models without llama.cpp's extra CPU buffer types (AMX / repacked weights).
+    """Load models without llama.cpp's extra CPU buffer types (AMX / repacked weight layouts).
 
-    With them, the llama-cpp-python 0.3.36 build here segfaults on the first multi-token batch of any quantized model
-    on a CPU with AMX (seen with the catalog's Q4_1 default too). `Llama` has no argument for
+    A llama-cpp-python 0.3.36 build with AMX (GGML_NATIVE on an AMX CPU) segfaulted on the first multi-token batch of
+    any quantized model, the catalog's Q4_1 default included. A verification must not die with the process, so it
+    reads weights in the plain CPU layout (same numbers, slower). `Llama` has no argument for
     ``llama_model_params.use_extra_bufts``, so its default-params factory is wrapped while the model loads.
     """
     import llama_cpp.llama_cpp as lib
