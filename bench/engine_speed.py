@@ -100,9 +100,9 @@ class Result:
     start: float
 
 
-async def stream_http(client: Any, url: str, i: int, n_tokens: int) -> Result:
+async def stream_http(client: Any, url: str, model: str, i: int, n_tokens: int) -> Result:
     body = {
-        "model": MODEL_NAME,
+        "model": model,
         "messages": [{"role": "user", "content": prompt(i)}],
         "max_tokens": n_tokens,
         "temperature": 0.8,
@@ -205,8 +205,8 @@ def bench_http(engine: str, model: Path, threads: int, levels: list[int], rounds
 
     port = free_port()
     args = [
-        sys.executable, "-m", "edgellm", "serve", "--port", str(port), "--model", str(model), "--engine", engine,
-        "--set", f"models.0.name={MODEL_NAME}", "--set", f"models.0.n_threads={threads}",
+        sys.executable, "-m", "edgellm", "serve", "--port", str(port), "--engine", engine,
+        "--set", f"models.0.path={model}", "--set", f"models.0.n_threads={threads}",
         "--set", "models.0.n_ctx=1024", "--set", "slots=4", "--log-level", "warning",
     ]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -225,9 +225,13 @@ def bench_http(engine: str, model: Path, threads: int, levels: list[int], rounds
                 raise TimeoutError("server not ready")
             time.sleep(0.2)
 
+        name = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+
         async def main() -> list[Level]:
             async with httpx.AsyncClient(timeout=300) as client:
-                return await run_levels(lambda i: stream_http(client, url, i, n_tokens), levels, rounds, n_tokens)
+                return await run_levels(
+                    lambda i: stream_http(client, url, name, i, n_tokens), levels, rounds, n_tokens
+                )
 
         return asyncio.run(main())
     finally:

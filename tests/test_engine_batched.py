@@ -1,0 +1,279 @@
+"""The batched engine against the real default GGUF: mostly at engine level (asyncio, no server), plus the
+admission and disconnect behaviour through a real `edgellm serve --engine batched`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve.engine.base import (
+    ChatMessage,
+    ContextOverflowError,
+    EngineOverloadedError,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from serve.engine.batched import BatchedEngine
+from serve.engine.detok import Detokenizer, StopMatcher
+from serve.engine.specs import ModelSpec
+from tests.servers import running_server
+
+MODEL = "smollm2-135m-instruct"
+N_CTX = 512
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colors.",
+    "What is 2 plus 2?",
+    "Write one sentence about the sea.",
+    "Who wrote Romeo and Juliet?",
+    "Give me a synonym for happy.",
+    "What do bees make?",
+    "Translate 'thank you' into Spanish.",
+]
+
+
+def greedy(max_tokens: int, **kw: object) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)  # type: ignore[arg-type]
+
+
+def chat(content: str, params: SamplingParams) -> GenerationRequest:
+    return GenerationRequest(model=MODEL, messages=(ChatMessage("user", content),), params=params)
+
+
+async def collect(engine: BatchedEngine, request: GenerationRequest) -> tuple[list[str], Finished]:
+    gen = await engine.submit(request)
+    pieces: list[str] = []
+    finished: Finished | None = None
+    async for event in gen:
+        if isinstance(event, TextDelta):
+            pieces.append(event.text)
+        else:
+            finished = event
+    await gen.aclose()
+    assert finished is not None
+    return pieces, finished
+
+
+async def answer(engine: BatchedEngine, request: GenerationRequest) -> str:
+    pieces, _ = await collect(engine, request)
+    return "".join(pieces)
+
+
+@pytest.fixture(scope="module")
+def engine(default_gguf: Path) -> Iterator[BatchedEngine]:
+    spec = ModelSpec(name=MODEL, path=default_gguf, n_ctx=N_CTX, n_threads=2)
+    e = BatchedEngine([spec], slots=4, queue_size=16)
+    yield e
+    asyncio.run(e.close())
+
+
+# -- detokenization and stop strings (no decoding) --------------------------------------------------------------
+def test_detokenizer_never_splits_a_character(engine: BatchedEngine) -> None:
+    model = engine._models[MODEL]
+    text = "Hi 🙂 你好世界 café 👍🏽!"
+    tokens = model.tokenize(text)
+    detok = Detokenizer(model._pieces)
+    pieces = [detok.push(t) for t in tokens] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces[:-1], "expected some character to span several tokens in this text"
+
+
+def test_stop_matcher_holds_back_a_partial_stop() -> None:
+    m = StopMatcher(("</end>", "STOP"))
+    assert m.push("Hello </") == ("Hello ", False)
+    assert m.push("en") == ("", False)
+    assert m.push("x") == ("</enx", False)  # not a stop after all: the held text is sent
+    assert m.push(" ST") == (" ", False)
+    assert m.push("OP and more") == ("", True)
+    m = StopMatcher(("ab",))
+    assert m.push("xa") == ("x", False)
+    assert m.flush() == "a"
+    assert StopMatcher(()).push("anything") == ("anything", False)
+
+
+# -- generation ------------------------------------------------------------------------------------------------
+def test_eight_concurrent_greedy_streams_match_each_served_alone(engine: BatchedEngine) -> None:
+    async def main() -> None:
+        alone = [await answer(engine, chat(p, greedy(16))) for p in PROMPTS]
+        results = await asyncio.gather(*(collect(engine, chat(p, greedy(16))) for p in PROMPTS))
+        for p, expected, (pieces, finished) in zip(PROMPTS, alone, results, strict=True):
+            assert "".join(pieces) == expected, f"{p!r}: concurrent answer differs from the one served alone"
+            assert finished.completion_tokens <= 16
+            assert finished.finish_reason == ("length" if finished.completion_tokens == 16 else "stop")
+        assert len(set(alone)) == len(alone)
+
+    asyncio.run(main())
+
+
+def test_max_tokens_and_stop_strings(engine: BatchedEngine) -> None:
+    async def main() -> None:
+        req = GenerationRequest(model=MODEL, prompt="1, 2, 3, 4, 5,", params=greedy(12))
+        text, finished = await collect(engine, req)
+        full = "".join(text)
+        assert finished.finish_reason == "length" and finished.completion_tokens == 12
+        assert "8" in full
+        stop_req = GenerationRequest(model=MODEL, prompt="1, 2, 3, 4, 5,", params=greedy(12, stop=(" 8", "zzz")))
+        cut, finished = await collect(engine, stop_req)
+        assert finished.finish_reason == "stop"
+        assert "".join(cut) == full[: full.index(" 8")]
+
+    asyncio.run(main())
+
+
+def test_seed_reproducibility_and_penalties(engine: BatchedEngine) -> None:
+    async def main() -> None:
+        def sampled(seed: int) -> GenerationRequest:
+            return chat("Tell me a short story about a cat.", SamplingParams(max_tokens=24, temperature=1.0, seed=seed))
+
+        a, b = await asyncio.gather(answer(engine, sampled(1234)), answer(engine, sampled(1234)))
+        assert a == b
+        assert a == await answer(engine, sampled(1234))
+        others = {await answer(engine, sampled(s)) for s in (1, 2, 3)}
+        assert others - {a}, "different seeds all gave the same text"
+
+        prompt = "Write the word hello ten times."
+        plain = await answer(engine, chat(prompt, greedy(24)))
+        for kw in ({"repeat_penalty": 1.5}, {"frequency_penalty": 1.5}, {"presence_penalty": 1.5}):
+            assert await answer(engine, chat(prompt, greedy(24, **kw))) != plain, kw
+
+    asyncio.run(main())
+
+
+def test_multibyte_answer_arrives_intact(engine: BatchedEngine) -> None:
+    cjk = "Chinese: 你好\nEnglish: hello\nChinese: 谢谢\nEnglish: thank you\nChinese: 早上好\nEnglish: good morning\nChinese:"
+    emoji = "Fruit emoji: 🍎 apple, 🍌 banana, 🍇 grapes, 🍓 strawberry, 🍒"
+
+    async def main() -> None:
+        (cjk_pieces, _), (emoji_pieces, emoji_done) = await asyncio.gather(
+            collect(engine, GenerationRequest(model=MODEL, prompt=cjk, params=greedy(12))),
+            collect(engine, GenerationRequest(model=MODEL, prompt=emoji, params=greedy(12))),
+        )
+        for pieces in (cjk_pieces, emoji_pieces):
+            assert all("\ufffd" not in p for p in pieces), pieces
+        assert any(0x4E00 <= ord(c) <= 0x9FFF for c in "".join(cjk_pieces)), cjk_pieces
+        emojis = [c for c in "".join(emoji_pieces) if ord(c) >= 0x1F300]
+        assert emojis, emoji_pieces
+        # each emoji is several byte tokens, yet arrives whole in one chunk
+        assert emoji_done.completion_tokens > len(emojis) + 1
+        assert all(len(p) >= 1 for p in emoji_pieces)
+
+    asyncio.run(main())
+
+
+def test_chat_turns_reuse_the_cached_prefix(engine: BatchedEngine) -> None:
+    async def main() -> None:
+        turn1 = (ChatMessage("user", "My name is Ada. What is the capital of Italy?"),)
+        req1 = GenerationRequest(model=MODEL, messages=turn1, params=greedy(20))
+        pieces, f1 = await collect(engine, req1)
+        turn2 = (*turn1, ChatMessage("assistant", "".join(pieces)), ChatMessage("user", "And of Spain?"))
+        req2 = GenerationRequest(model=MODEL, messages=turn2, params=greedy(20))
+        _, f2 = await collect(engine, req2)
+        assert f2.prompt_tokens > f1.prompt_tokens
+        assert f2.timings.cache_n >= f1.prompt_tokens - 1
+        assert f2.timings.prompt_n == f2.prompt_tokens - f2.timings.cache_n
+        assert f2.timings.prompt_n < f2.prompt_tokens // 2
+
+    asyncio.run(main())
+
+
+def test_prompt_longer_than_a_slot_is_refused_before_queueing(engine: BatchedEngine) -> None:
+    async def main() -> None:
+        with pytest.raises(ContextOverflowError) as e:
+            await engine.submit(chat("word " * (N_CTX + 10), greedy(8)))
+        assert e.value.n_ctx == N_CTX
+
+    asyncio.run(main())
+
+
+def test_cancel_frees_the_slot_and_a_full_queue_overflows(default_gguf: Path) -> None:
+    spec = ModelSpec(name=MODEL, path=default_gguf, n_ctx=N_CTX, n_threads=2)
+    engine = BatchedEngine([spec], slots=1, queue_size=0)
+
+    async def main() -> None:
+        long = GenerationRequest(model=MODEL, prompt="1, 2, 3, 4, 5,", params=greedy(N_CTX))
+        gen = await engine.submit(long)
+        first = await gen.__anext__()
+        assert isinstance(first, TextDelta)
+        with pytest.raises(EngineOverloadedError) as e:
+            await engine.submit(chat("Hello", greedy(4)))
+        assert e.value.retry_after >= 1
+        await gen.aclose()
+        deadline = time.monotonic() + 5
+        while True:  # the slot is freed at the scheduler's next step
+            try:
+                nxt = await engine.submit(chat("Hello", greedy(4)))
+                break
+            except EngineOverloadedError:
+                assert time.monotonic() < deadline, "the cancelled generation kept its slot"
+                await asyncio.sleep(0.01)
+        events = [ev async for ev in nxt]
+        assert isinstance(events[-1], Finished) and events[-1].completion_tokens <= 4
+
+    try:
+        asyncio.run(main())
+    finally:
+        asyncio.run(engine.close())
+
+
+# -- through the real server ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_slot_server(default_gguf: Path) -> Iterator[str]:
+    args = ("--engine", "batched", "--set", "slots=1", "--set", "queue_size=0", "--set", f"models.0.n_ctx={N_CTX}")
+    with running_server(*args) as url:
+        yield url
+
+
+def test_server_full_queue_is_503_and_disconnect_frees_the_slot(one_slot_server: str) -> None:
+    url = one_slot_server
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert any(next(lines).startswith("data: {") for _ in range(4))
+        busy = httpx.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=30)
+        assert busy.status_code == 503
+        assert busy.json()["error"]["type"] == "unavailable_error"
+        assert int(busy.headers["Retry-After"]) >= 1
+    # the client is gone: its slot is freed at the next step and the server keeps serving
+    deadline = time.monotonic() + 10
+    while True:
+        r2 = httpx.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=30)
+        if r2.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert r2.status_code == 200, r2.text
+    out = r2.json()
+    assert out["usage"]["completion_tokens"] == 4
+    assert out["timings"]["predicted_n"] == 4
+
+
+def test_server_concurrent_streams_are_whole(one_slot_server: str) -> None:
+    """With one slot and no queue, concurrent clients get either a whole answer or a clean 503."""
+    url = one_slot_server
+    outcomes: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        body = {"model": MODEL, "prompt": "The sea is", "max_tokens": 8, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        tokens = r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0
+        with lock:
+            outcomes.append((r.status_code, tokens))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(outcomes) == 4
+    assert {s for s, _ in outcomes} <= {200, 503} and (200, 8) in outcomes
+    assert all(n == 8 for s, n in outcomes if s == 200)
