@@ -6,7 +6,7 @@ The recipe reads top to bottom:
    split them into training queries and held-out queries (whole modules are held out);
 2. index every passage in use with BM25 (rank-bm25) and with the bi-encoder all-MiniLM-L6-v2 (cosine);
 3. mine hard negatives for each training query from the BM25 and bi-encoder top ``mine_top_k`` among the
-   *training* passages, giving (query, passage, label) pairs;
+   *training* passages, plus random (easy) ones, giving (query, passage, label) pairs;
 4. fine-tune a sentence-transformers ``CrossEncoder`` started from the same all-MiniLM-L6-v2 weights (a new
    one-logit head) with binary cross-entropy;
 5. evaluate on the held-out queries: each query's candidates are the union of the BM25 and the bi-encoder top
@@ -57,7 +57,8 @@ class RerankerTrainConfig(BaseModel):
     output_dir: Path = Path("runs/reranker")
     max_train_queries: int | None = Field(None, ge=1, description="use a random subset of training queries")
     max_eval_queries: int | None = Field(None, ge=1, description="use a random subset of held-out queries")
-    negatives_per_query: int = Field(1, ge=1)
+    negatives_per_query: int = Field(1, ge=0, description="hard negatives per training query")
+    random_negatives_per_query: int = Field(1, ge=0, description="easy negatives: random training passages")
     mine_top_k: int = Field(10, ge=1, description="hard negatives are drawn from each first stage's top k")
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -151,6 +152,8 @@ def train_reranker(config_path: Path, overrides: dict[str, object]) -> Path:
             dict.fromkeys(j for pair in zip(bm25_top, dense_top, strict=True) for j in pair if j != i)
         )
         negatives = rng.sample(pool, min(cfg.negatives_per_query, len(pool)))
+        others = [j for j in range(n_train) if j != i and j not in negatives]
+        negatives += rng.sample(others, min(cfg.random_negatives_per_query, len(others)))
         examples.append((rec.query, rec.passage, 1.0))
         examples.extend((rec.query, corpus[j], 0.0) for j in negatives)
     timings["mine_seconds"] = time.perf_counter() - t
