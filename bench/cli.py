@@ -88,8 +88,12 @@ def _quant(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging
+
     from bench.loadtest import bench_serve
     from bench.report import serve_table
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the report
 
     report = bench_serve(
         url=args.url,

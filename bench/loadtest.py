@@ -219,15 +219,17 @@ async def _run_level(
                 next_index += 1
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
-                    results.append(RequestResult(ok=False, error="not_started"))
+                    results.append(RequestResult(ok=False, error="not_started", detail="the run's max_seconds had passed"))
                     continue
                 prompt = PROMPTS[i % len(PROMPTS)]
                 try:
                     async with asyncio.timeout(min(timeout, remaining)):
                         r = await _stream_chat(client, base, model, prompt, max_tokens)
                 except TimeoutError:
-                    cut_by_deadline = remaining < timeout
-                    r = RequestResult(ok=False, error="deadline" if cut_by_deadline else "timeout")
+                    if remaining < timeout:
+                        r = RequestResult(ok=False, error="deadline", detail="cut off at the run's max_seconds")
+                    else:
+                        r = RequestResult(ok=False, error="timeout", detail=f"no complete response in {timeout:g} s")
                 results.append(r)
 
         t0 = time.perf_counter()
