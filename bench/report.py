@@ -187,6 +187,7 @@ def serve_chart(report: ServeReport, path: Path) -> None:
     ax_t.set_xlabel("concurrency")
     ax_t.set_ylabel("completion tokens/s")
     ax_t.set_xticks(conc)
+    ax_t.set_ylim(bottom=0)
     ax_t.set_title("aggregate throughput")
     ax_t.grid(alpha=0.3)
     fig.suptitle(f"{report.url} ({report.model})")
