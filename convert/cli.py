@@ -42,6 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force", action="store_true", default=None, help="redo outputs even if their sha256 matches"
     )
+    p.add_argument(
+        "--check-behaviour",
+        type=Path,
+        metavar="RUN_DIR",
+        help="after converting, run the train stage's behaviour check (runs/<name>: config.yaml + data/) on every "
+        "variant through llama.cpp and write <out>/behaviour.json",
+    )
+    p.add_argument(
+        "--behaviour-prompts", type=int, default=None, help="use at most this many held-out prompts"
+    )
     p.set_defaults(func=_run)
 
 
@@ -87,4 +97,13 @@ def _run(args: argparse.Namespace) -> int:
             f"  {manifest.model_id(f):<24} {f.path}  {f.size / 1e6:8.1f} MB  {f.bits_per_weight:5.2f} bpw  [{types}]"
         )
     print(f"manifest: {out / 'manifest.json'}")
+    if args.check_behaviour is not None:
+        from convert.behaviour import behaviour_shares
+
+        shares = behaviour_shares(out, args.check_behaviour, out / "behaviour.json", args.behaviour_prompts)
+        for r in shares.values():
+            print(
+                f"  {r['model']:<24} behaviour pass share {r['pass_share']:.3f} over {r['prompts']} prompts"
+            )
+        print(f"behaviour: {out / 'behaviour.json'}")
     return 0

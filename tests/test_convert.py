@@ -290,7 +290,7 @@ def test_convert_config_errors_name_key_and_line(tmp_path):
     assert f"{bad}:2: quants.1" in str(e.value) and f"{bad}:3: bogus: unknown key" in str(e.value)
 
 
-def test_behaviour_shares_run_the_train_check_on_every_variant(tiny_converted, tmp_path):
+def test_behaviour_shares_run_the_train_check_on_every_variant(tiny_converted, tiny_llama, tmp_path):
     import yaml
 
     from convert.behaviour import behaviour_shares
@@ -310,3 +310,11 @@ def test_behaviour_shares_run_the_train_check_on_every_variant(tiny_converted, t
         assert r["pass_share"] == 0.0  # a random model does not say "Squeak!"
         assert r["answers"][0]["answer"]
     assert json.loads((tmp_path / "behaviour.json").read_text())["q8_0"]["prompts"] == 1
+
+    # The same through the CLI, after a convert that finds every output up to date.
+    from edgellm.cli import main
+
+    out = tiny_converted.root
+    argv = ["convert", str(tiny_llama), "--out", str(out), "--quant", *QUANTS, "--check-behaviour", str(run)]
+    assert main([*argv, "--behaviour-prompts", "1"]) == 0
+    assert list(json.loads((out / "behaviour.json").read_text())) == QUANTS
