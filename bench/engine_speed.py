@@ -180,6 +180,7 @@ async def run_levels(one: Any, levels: list[int], rounds: int, n_tokens: int) ->
             results.extend(got)
         per = [(g.tokens - 1) / (g.end - g.first) for g in results if g.tokens > 1 and g.end > g.first]
         ttfts = [g.ttft * 1000 for g in results]
+        print(f"  {n} streams: {total / sum(walls):.1f} tok/s aggregate", file=sys.stderr, flush=True)
         out.append(
             Level(
                 streams=n,
@@ -299,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     raw = raw_speed(args.model, args.threads, args.tokens, chat_tokens)
     rows: dict[str, list[Level]] = {}
     run = bench_http if args.mode == "http" else bench_engine
+    print(f"raw: {raw}", file=sys.stderr, flush=True)
     for engine in args.engines.split(","):
+        print(f"{engine}:", file=sys.stderr, flush=True)
         rows[engine] = run(engine, args.model, args.threads, levels, args.rounds, args.tokens)
     raw_after = raw_speed(args.model, args.threads, args.tokens, chat_tokens)
 
