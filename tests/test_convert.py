@@ -253,7 +253,7 @@ def test_load_manifest_errors(tmp_path):
 @pytest.mark.skipif(not BASE_HF.is_dir(), reason="run `edgellm models pull base` (make setup does)")
 def test_base_model_converts_with_reported_k_quant_fallbacks(tmp_path, converter):
     out = tmp_path / "smollm2"
-    m = convert_model(BASE_HF, out, quants=QUANTS)
+    m = convert_model(BASE_HF, out, quants=QUANTS, prompts=DEFAULT_PROMPTS[:3])  # 3 prompts keep it quick
     check_manifest(m, out)
     f16, q8, q4 = (m.variant(q) for q in QUANTS)
     assert f16.verification.kl_mean < 1e-3
