@@ -207,7 +207,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(
     from train.qlora import train
 
     data = _data(tmp_path, 40)
-    recipe = _recipe(tmp_path, tiny_llama, data, max_steps=40, save_every=3, eval_every=20, batch_size=2)
+    recipe = _recipe(tmp_path, tiny_llama, data, max_steps=16, save_every=3, eval_every=8, batch_size=2)
     ckpts = tmp_path / "runs" / "t" / "checkpoints"
     code = f"from train.qlora import train; train({str(recipe)!r})"
     proc = subprocess.Popen(
@@ -225,14 +225,14 @@ def test_a_killed_run_resumes_from_its_checkpoint(
             proc.kill()
     done = sorted(p.name for p in ckpts.glob("step-*"))
     killed_at = int(done[-1].split("-")[1])
-    assert 3 <= killed_at < 40
+    assert 3 <= killed_at < 16
 
     with caplog.at_level(logging.INFO, logger="train.qlora"):
         [run] = train(recipe)
     records = [r.getMessage() for r in caplog.records]
     assert any(f"(step {killed_at})" in m and "resuming from" in m for m in records), records
     steps = [m["step"] for m in _metrics(run) if "loss" in m]
-    assert steps == list(range(1, 41))  # each step once: nothing redone, nothing skipped
+    assert steps == list(range(1, 17))  # each step once: nothing redone, nothing skipped
 
     fresh = yaml.safe_load(recipe.read_text()) | {"name": "fresh"}
     recipe.write_text(yaml.safe_dump(fresh))
