@@ -44,11 +44,13 @@ models: install
 serve: setup
 	$(EDGELLM) serve --config configs/serve.yaml
 
+# torch and llama.cpp share one OpenMP runtime; more OpenMP threads than cores makes both crawl on small boxes.
+# llama.cpp sets its own thread counts, so this only keeps torch (training, conversion checks, reranker) at one.
 test: setup
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest
 
 test-slow: setup
-	$(BIN)/python -m pytest -m slow
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -m slow
 
 lint: install
 	$(BIN)/ruff check .

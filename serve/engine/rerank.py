@@ -86,7 +86,7 @@ class CrossEncoderReranker:
         from sentence_transformers import CrossEncoder
 
         if threads is not None:
-            torch.set_num_threads(threads)  # process-wide; the GGUF server itself does not use torch threads
+            torch.set_num_threads(threads)  # process-wide, and shared with llama.cpp's OpenMP runtime (see settings)
         self._torch = torch
         self._model: Any = CrossEncoder(
             str(model_dir), device=device, max_length=max_length, local_files_only=True
