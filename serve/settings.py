@@ -49,7 +49,7 @@ class ServeSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     engine: Literal["serial", "batched"] = Field(
-        "serial", description="serial: one request at a time per model; batched: continuous batching"
+        "batched", description="batched: continuous batching (default); serial: one request at a time per model"
     )
     slots: int = Field(4, ge=1, le=64, description="batched engine: sequences decoded together per model")
     queue_size: int = Field(64, ge=0, description="requests allowed to wait per model; beyond it: 503")
