@@ -24,54 +24,38 @@ Memory: the KV cache is ``slots`` times the serial engine's (SmolLM2-135M at n_c
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
 
 from serve.engine.base import (
-    ContextOverflowError,
     EngineOverloadedError,
     EngineUnavailableError,
     Event,
     Finished,
     FinishReason,
-    GenerationRequest,
-    InvalidPromptError,
-    ModelInfo,
-    SamplingParams,
     TextDelta,
     Timings,
-    UnknownModelError,
 )
 from serve.engine.detok import Detokenizer, PieceTable, StopMatcher
+from serve.engine.pool import Job, ModelPool
 from serve.engine.prompt import ChatTemplate
 from serve.engine.sampling import SamplerChain
 from serve.engine.specs import ModelSpec, default_threads
-from serve.engine.stream import EventStream
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class _Job:
-    tokens: list[int]
-    params: SamplingParams
-    stream: EventStream
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-def _emit(job: _Job, event: Event) -> None:
+def _emit(job: Job, event: Event) -> None:
     try:
         job.stream.emit(event)
     except RuntimeError:  # the request's event loop is gone: nobody is listening any more
         job.cancelled.set()
 
 
-def _fail(job: _Job, exc: BaseException) -> None:
+def _fail(job: Job, exc: BaseException) -> None:
     try:
         job.stream.fail(exc)
     except RuntimeError:
@@ -92,7 +76,7 @@ class _Slot:
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
         self.cache: list[int] = []  # tokens whose K/V this sequence holds, at positions 0..len-1
-        self.job: _Job | None = None
+        self.job: Job | None = None
         # the request being served
         self.pending: list[int] = []  # prompt tokens not evaluated yet
         self.next_token = -1  # sampled, to be evaluated at the next step
@@ -171,7 +155,7 @@ class BatchedModel:
 
         self._slots = [_Slot(i) for i in range(slots)]
         self._active: list[_Slot] = []  # in admission order
-        self._waiting: deque[_Job] = deque()
+        self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
         self._service_s = 2.0  # moving average of a request's time in a slot, for Retry-After
@@ -182,7 +166,7 @@ class BatchedModel:
     def tokenize(self, text: str) -> list[int]:
         return list(self._model.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
-    def enqueue(self, job: _Job) -> None:
+    def enqueue(self, job: Job) -> None:
         with self._cond:
             if self._closing:
                 raise EngineUnavailableError(f"model {self.spec.name!r} is shutting down")
@@ -421,7 +405,7 @@ class BatchedModel:
             self._active.remove(s)
 
 
-class BatchedEngine:
+class BatchedEngine(ModelPool):
     """Serves each model's requests in ``slots`` concurrent sequences, continuously batched, off the event loop."""
 
     def __init__(
@@ -433,63 +417,13 @@ class BatchedEngine:
         kv_unified: bool = False,
         flash_attn: bool | None = None,
     ) -> None:
-        self._models: dict[str, BatchedModel] = {}
-        try:
-            for spec in specs:
-                log.info("loading %s from %s (%d slots of %d tokens)", spec.name, spec.path, slots, spec.n_ctx)
-                self._models[spec.name] = BatchedModel(
-                    spec, slots, queue_size, prompt_chunk=prompt_chunk, kv_unified=kv_unified, flash_attn=flash_attn
-                )
-        except BaseException:
-            for m in self._models.values():
-                m.close()
-            raise
-
-    def models(self) -> list[ModelInfo]:
-        return [
-            ModelInfo(name=n, path=str(m.spec.path), n_ctx=m.spec.n_ctx, created=m.created)
-            for n, m in self._models.items()
-        ]
-
-    def has_model(self, name: str) -> bool:
-        return name in self._models
-
-    def _model(self, name: str) -> BatchedModel:
-        try:
-            return self._models[name]
-        except KeyError:
-            raise UnknownModelError(
-                f"model {name!r} is not served here; available: {', '.join(self._models)}"
-            ) from None
-
-    async def submit(self, request: GenerationRequest) -> EventStream:
-        model = self._model(request.model)
-        text = model.template.render(request.messages) if request.messages is not None else (request.prompt or "")
-        tokens = await asyncio.to_thread(model.tokenize, text)
-        if not tokens:
-            raise InvalidPromptError("the prompt is empty")
-        n_ctx = model.spec.n_ctx
-        if len(tokens) + 1 > n_ctx:
-            raise ContextOverflowError(
-                f"the prompt is {len(tokens)} tokens but a slot's context holds {n_ctx}; "
-                "shorten the prompt or serve the model with a larger n_ctx",
-                len(tokens),
-                n_ctx,
+        def load(spec: ModelSpec) -> BatchedModel:
+            log.info("loading %s from %s (%d slots of %d tokens)", spec.name, spec.path, slots, spec.n_ctx)
+            return BatchedModel(
+                spec, slots, queue_size, prompt_chunk=prompt_chunk, kv_unified=kv_unified, flash_attn=flash_attn
             )
-        params = request.params
-        room = n_ctx - len(tokens)
-        if params.max_tokens > room:
-            params = replace(params, max_tokens=room)
-        stream = EventStream(asyncio.get_running_loop(), prompt_tokens=len(tokens))
-        job = _Job(tokens=tokens, params=params, stream=stream)
-        stream.on_close(job.cancelled.set)
-        model.enqueue(job)
-        return stream
 
-    async def close(self) -> None:
-        for m in self._models.values():
-            await asyncio.to_thread(m.close)
-        self._models.clear()
+        super().__init__(specs, load)
 
 
 __all__ = ["BatchedEngine", "BatchedModel"]

@@ -3,40 +3,24 @@ after another, in arrival order. Simple and robust; the batched engine is the fa
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from serve.engine.base import (
-    ContextOverflowError,
     EngineOverloadedError,
-    Event,
     Finished,
     FinishReason,
-    GenerationRequest,
-    ModelInfo,
-    SamplingParams,
     TextDelta,
     Timings,
-    UnknownModelError,
 )
+from serve.engine.pool import Job, ModelPool
 from serve.engine.prompt import ChatTemplate
 from serve.engine.specs import ModelSpec, default_threads
-from serve.engine.stream import EventStream
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Job:
-    tokens: list[int]
-    params: SamplingParams
-    stream: EventStream
-    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 class _TokenClock:
@@ -76,7 +60,7 @@ class SerialModel:
         self.template = ChatTemplate.from_metadata(self.llm.metadata, bos, eos)
         self.created = int(time.time())
         self._queue_size = queue_size
-        self._waiting: deque[_Job] = deque()
+        self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"serial-{spec.name}", daemon=True)
@@ -87,7 +71,7 @@ class SerialModel:
         tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         return list(tokens)
 
-    def enqueue(self, job: _Job) -> None:
+    def enqueue(self, job: Job) -> None:
         with self._cond:
             if len(self._waiting) >= self._queue_size and self._busy:
                 raise EngineOverloadedError(
@@ -120,7 +104,7 @@ class SerialModel:
                 with self._cond:
                     self._busy = False
 
-    def _generate(self, job: _Job) -> None:
+    def _generate(self, job: Job) -> None:
         p = job.params
         clock = _TokenClock()
         from llama_cpp import LogitsProcessorList
@@ -179,65 +163,15 @@ class SerialModel:
         self.llm.close()
 
 
-class SerialEngine:
+class SerialEngine(ModelPool):
     """Serves each model's requests one at a time, in arrival order, off the event loop."""
 
     def __init__(self, specs: list[ModelSpec], queue_size: int = 64) -> None:
-        self._models: dict[str, SerialModel] = {}
-        try:
-            for spec in specs:
-                log.info("loading %s from %s", spec.name, spec.path)
-                self._models[spec.name] = SerialModel(spec, queue_size)
-        except BaseException:
-            for m in self._models.values():
-                m.close()
-            raise
+        def load(spec: ModelSpec) -> SerialModel:
+            log.info("loading %s from %s", spec.name, spec.path)
+            return SerialModel(spec, queue_size)
 
-    def models(self) -> list[ModelInfo]:
-        return [
-            ModelInfo(name=n, path=str(m.spec.path), n_ctx=m.spec.n_ctx, created=m.created)
-            for n, m in self._models.items()
-        ]
-
-    def has_model(self, name: str) -> bool:
-        return name in self._models
-
-    def _model(self, name: str) -> SerialModel:
-        try:
-            return self._models[name]
-        except KeyError:
-            raise UnknownModelError(
-                f"model {name!r} is not served here; available: {', '.join(self._models)}"
-            ) from None
-
-    async def submit(self, request: GenerationRequest) -> EventStream:
-        model = self._model(request.model)
-        text = model.template.render(request.messages) if request.messages is not None else (request.prompt or "")
-        tokens = await asyncio.to_thread(model.tokenize, text)
-        n_ctx = model.spec.n_ctx
-        if len(tokens) + 1 > n_ctx:
-            raise ContextOverflowError(
-                f"the prompt is {len(tokens)} tokens but the context holds {n_ctx}; "
-                "shorten the prompt or serve the model with a larger n_ctx",
-                len(tokens),
-                n_ctx,
-            )
-        params = request.params
-        room = n_ctx - len(tokens)
-        if params.max_tokens > room:
-            from dataclasses import replace
-
-            params = replace(params, max_tokens=room)
-        stream = EventStream(asyncio.get_running_loop(), prompt_tokens=len(tokens))
-        job = _Job(tokens=tokens, params=params, stream=stream)
-        stream.on_close(job.cancelled.set)
-        model.enqueue(job)
-        return stream
-
-    async def close(self) -> None:
-        for m in self._models.values():
-            await asyncio.to_thread(m.close)
-        self._models.clear()
+        super().__init__(specs, load)
 
 
-__all__ = ["SerialEngine", "Event"]
+__all__ = ["SerialEngine"]
