@@ -18,15 +18,14 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from serve.launch import running_server
 
 MODEL_NAME = "bench-model"
 TOPICS = ["a dragon", "the sea", "a robot", "a lighthouse", "a market town", "a comet", "a violin", "a glacier"]
@@ -195,37 +194,14 @@ async def run_levels(one: Any, levels: list[int], rounds: int, n_tokens: int) ->
 
 
 # -- engines --------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def bench_http(engine: str, model: Path, threads: int, levels: list[int], rounds: int, n_tokens: int) -> list[Level]:
     import httpx
 
-    port = free_port()
     args = [
-        sys.executable, "-m", "edgellm", "serve", "--port", str(port), "--engine", engine,
-        "--set", f"models.0.path={model}", "--set", f"models.0.n_threads={threads}",
-        "--set", "models.0.n_ctx=1024", "--set", "slots=4", "--log-level", "warning",
+        "--engine", engine, "--set", f"models.0.path={model}", "--set", f"models.0.n_threads={threads}",
+        "--set", "models.0.n_ctx=1024", "--set", "slots=4", "--log-level", "warning", "--no-reranker",
     ]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server not ready")
-            time.sleep(0.2)
-
+    with running_server(*args) as url:
         name = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
 
         async def main() -> list[Level]:
@@ -235,12 +211,6 @@ def bench_http(engine: str, model: Path, threads: int, levels: list[int], rounds
                 )
 
         return asyncio.run(main())
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def bench_engine(engine: str, model: Path, threads: int, levels: list[int], rounds: int, n_tokens: int) -> list[Level]:
