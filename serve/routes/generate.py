@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -15,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from serve.engine.base import Engine, Finished, Generation, TextDelta
 from serve.errors import NOT_FOUND, APIError, error_body, to_api_error
 from serve.http import check_auth, read_json, ready_engine, server_state
-from serve.routes.openai_format import ChatFormat, CompletionFormat
+from serve.routes.openai_format import ChatFormat, CompletionFormat, dumps
 from serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 
 log = logging.getLogger(__name__)
@@ -32,26 +30,27 @@ def _resolve_model(engine: Engine, requested: str | None) -> str:
     raise APIError(404, f"model {requested!r} is not served here; available: {', '.join(names)}", NOT_FOUND)
 
 
-def _json(data: dict[str, Any]) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+def _event(data: str) -> bytes:
+    """One SSE event, framed here (sse-starlette sends bytes as they are): ``data: <json>`` and a blank line."""
+    return b"data: " + data.encode("utf-8") + b"\n\n"
 
 
-async def _sse(generation: Generation, fmt: Format, include_usage: bool) -> AsyncIterator[dict[str, str]]:
+async def _sse(generation: Generation, fmt: Format, include_usage: bool) -> AsyncIterator[bytes]:
     try:
         first = fmt.first_chunk()
         if first is not None:
-            yield {"data": _json(first)}
+            yield _event(dumps(first))
         async for event in generation:
             if isinstance(event, TextDelta):
-                yield {"data": _json(fmt.delta_chunk(event.text))}
+                yield _event(fmt.delta_json(event.text))
             elif isinstance(event, Finished):
-                yield {"data": _json(fmt.final_chunk(event))}
+                yield _event(dumps(fmt.final_chunk(event)))
                 if include_usage:
-                    yield {"data": _json(fmt.usage_chunk(event))}
-        yield {"data": "[DONE]"}
+                    yield _event(dumps(fmt.usage_chunk(event)))
+        yield _event("[DONE]")
     except Exception as e:  # the response has started: report the error in-band, like llama-server
         err = to_api_error(e)
-        yield {"data": _json(error_body(err.status, err.message, err.type))}
+        yield _event(dumps(error_body(err.status, err.message, err.type)))
     finally:
         await generation.aclose()
 
