@@ -225,6 +225,43 @@ def test_cancel_frees_the_slot_and_a_full_queue_overflows(default_gguf: Path) ->
         asyncio.run(engine.close())
 
 
+def test_models_of_one_engine_decode_on_one_thread(default_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two models busy at once: every llama_decode runs on the one scheduler thread (one OpenMP team: a thread per
+    model made both decode ~3x slower on 2 cores), each model answers as it does alone, and the thread ends with
+    the engine."""
+    import llama_cpp
+
+    callers: set[int] = set()
+    real_decode = llama_cpp.llama_decode
+
+    def decode(ctx, batch):  # type: ignore[no-untyped-def]
+        callers.add(threading.get_ident())
+        return real_decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    specs = [ModelSpec(name=n, path=default_gguf, n_ctx=N_CTX, n_threads=2) for n in ("first", "second")]
+    engine = BatchedEngine(specs, slots=2, queue_size=4)
+    scheduler = engine._models["first"]._scheduler  # type: ignore[attr-defined]
+    assert engine._models["second"]._scheduler is scheduler  # type: ignore[attr-defined]
+    thread = scheduler._thread
+
+    def on(model: str, prompt: str) -> GenerationRequest:
+        return GenerationRequest(model=model, messages=(ChatMessage("user", prompt),), params=greedy(12))
+
+    async def main() -> None:
+        alone = [await answer(engine, on("first", p)) for p in PROMPTS[:2]]
+        both = await asyncio.gather(*(answer(engine, on(m, p)) for m in ("first", "second") for p in PROMPTS[:2]))
+        assert both == alone + alone
+
+    try:
+        asyncio.run(main())
+    finally:
+        asyncio.run(engine.close())
+    assert callers == {thread.ident}, f"llama_decode ran on {len(callers)} thread(s), not just the scheduler's"
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the scheduler thread outlived its engine"
+
+
 # -- through the real server ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def one_slot_server(default_gguf: Path) -> Iterator[str]:

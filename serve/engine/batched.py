@@ -1,7 +1,7 @@
 """The batched engine: continuous batching on llama-cpp-python's low-level API, sampling in llama.cpp's own
 sampler chains.
 
-Per model: one llama context with ``slots`` sequences and one scheduler thread. Each step the scheduler
+Per model: one llama context with ``slots`` sequences; one scheduler thread serves all models. Each step of a model
 
 1. admits waiting requests into free slots (the slot whose cached tokens share the longest prefix with the
    prompt, so the next turn of a chat reuses its KV instead of recomputing it; ties go to the lowest slot),
@@ -20,6 +20,12 @@ attention sees only its own cells in position order: a greedy answer does not de
 with equal token counts, so the batch lists sequences in id order and new requests take the lowest free slot
 among those with the longest cached prefix. ``kv_unified=True`` is llama-server's default (one shared buffer).
 Memory: the KV cache is ``slots`` times the serial engine's (SmolLM2-135M at n_ctx=4096, 4 slots: ~360 MiB f16).
+
+One thread for all models (``Scheduler``): llama.cpp's OpenMP threads belong to the thread that calls
+``llama_decode``. A second decoding thread brings a second team; libgomp then manages more threads than there are
+cores, stops spinning at its barriers and sleeps instead, and every model decodes ~3x slower (measured on 2 cores:
+one model alone 80-90 tok/s, two models with a thread each 30-32 tok/s, even taking turns). So the engine's models
+share one scheduler thread, and busy models take turns, one step each.
 """
 
 from __future__ import annotations
@@ -93,13 +99,15 @@ class _Slot:
 
 
 class BatchedModel:
-    """A loaded GGUF, its context with ``slots`` sequences, and the scheduler thread that serves them."""
+    """A loaded GGUF and its context with ``slots`` sequences, served by a ``Scheduler`` thread (its own by
+    default; the engine's models share one)."""
 
     def __init__(
         self,
         spec: ModelSpec,
         slots: int,
         queue_size: int,
+        scheduler: Scheduler | None = None,
         prompt_chunk: int = 128,
         kv_unified: bool = False,
         flash_attn: bool | None = None,
@@ -156,11 +164,11 @@ class BatchedModel:
         self._slots = [_Slot(i) for i in range(slots)]
         self._active: list[_Slot] = []  # in admission order
         self._waiting: deque[Job] = deque()
-        self._cond = threading.Condition()
         self._closing = False
         self._service_s = 2.0  # moving average of a request's time in a slot, for Retry-After
-        self._thread = threading.Thread(target=self._run, name=f"batched-{spec.name}", daemon=True)
-        self._thread.start()
+        self._scheduler = scheduler or Scheduler()
+        self._cond = self._scheduler.cond  # guards _waiting and _closing
+        self._scheduler.attach(self)
 
     # -- request side (event loop, or any thread) ---------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -185,14 +193,11 @@ class BatchedModel:
             self._cond.notify()
 
     def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._thread.join(timeout=60)
-        ll = self._ll
-        if self._thread.is_alive():  # a decode that never returns: leak rather than free under it
-            log.error("scheduler of %s did not stop; not freeing its context", self.spec.name)
+        """Stop serving: running and waiting requests fail with 503; the context is freed once the scheduler let go."""
+        if not self._scheduler.detach(self, timeout=60):  # a decode that never returns: leak rather than free under it
+            log.error("the scheduler did not let go of %s; not freeing its context", self.spec.name)
             return
+        ll = self._ll
         for slot in self._slots:
             if slot.chain is not None:
                 slot.chain.close()
@@ -201,28 +206,28 @@ class BatchedModel:
         self._model.close()
 
     # -- scheduler thread ---------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closing and not self._waiting and not self._active:
-                    self._cond.wait()
-                if self._closing:
-                    break
-                admitted = self._admit()
-            for slot in admitted:
-                try:
-                    self._start(slot)
-                except Exception as e:
-                    log.exception("starting a request failed")
-                    self._abort(slot, e)
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    def _work(self, admitted: list[_Slot]) -> None:
+        """One step of this model: set up the admitted requests, drop the cancelled ones, decode and sample."""
+        for slot in admitted:
             try:
-                self._drop_cancelled()
-                if self._active:
-                    self._step()
-            except Exception as e:  # one failure must not stop the scheduler: fail the running requests, go on
-                log.exception("batched step failed")
-                for slot in list(self._active):
-                    self._abort(slot, e)
+                self._start(slot)
+            except Exception as e:
+                log.exception("starting a request failed")
+                self._abort(slot, e)
+        try:
+            self._drop_cancelled()
+            if self._active:
+                self._step()
+        except Exception as e:  # one failure must not stop the scheduler: fail the running requests, go on
+            log.exception("batched step failed")
+            for slot in list(self._active):
+                self._abort(slot, e)
+
+    def _shutdown(self) -> None:
+        """Fail every running and waiting request (the model is closing)."""
         shutdown = EngineUnavailableError("the server is shutting down")
         for slot in list(self._active):
             self._abort(slot, shutdown)
@@ -405,6 +410,57 @@ class BatchedModel:
             self._active.remove(s)
 
 
+class Scheduler:
+    """The one thread that runs llama.cpp for all the models attached to it (see the module docstring).
+
+    Each round it admits waiting requests of every model (under ``cond``), then runs one step of each busy model.
+    The thread starts with the first model attached and ends when the last one is detached."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self._models: list[BatchedModel] = []
+        self._thread: threading.Thread | None = None
+
+    def attach(self, model: BatchedModel) -> None:
+        with self.cond:
+            self._models.append(model)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="batched-scheduler", daemon=True)
+                self._thread.start()
+
+    def detach(self, model: BatchedModel, timeout: float) -> bool:
+        """Have the thread fail the model's requests and let go of it; False if it did not within ``timeout``."""
+        with self.cond:
+            model._closing = True
+            self.cond.notify_all()
+            return self.cond.wait_for(lambda: model not in self._models, timeout=timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while True:
+                    closing = [m for m in self._models if m._closing]
+                    busy = [m for m in self._models if m._busy()]
+                    if closing or busy:
+                        break
+                    if not self._models:
+                        self._thread = None
+                        return
+                    self.cond.wait()
+                admitted = {m: m._admit() for m in busy if not m._closing}
+            for m in closing:
+                try:
+                    m._shutdown()
+                except Exception:
+                    log.exception("failing the requests of %s failed", m.spec.name)
+                finally:
+                    with self.cond:
+                        self._models.remove(m)
+                        self.cond.notify_all()
+            for m, slots in admitted.items():
+                m._work(slots)
+
+
 class BatchedEngine(ModelPool):
     """Serves each model's requests in ``slots`` concurrent sequences, continuously batched, off the event loop."""
 
@@ -417,13 +473,21 @@ class BatchedEngine(ModelPool):
         kv_unified: bool = False,
         flash_attn: bool | None = None,
     ) -> None:
+        scheduler = Scheduler()
+
         def load(spec: ModelSpec) -> BatchedModel:
             log.info("loading %s from %s (%d slots of %d tokens)", spec.name, spec.path, slots, spec.n_ctx)
             return BatchedModel(
-                spec, slots, queue_size, prompt_chunk=prompt_chunk, kv_unified=kv_unified, flash_attn=flash_attn
+                spec,
+                slots,
+                queue_size,
+                scheduler,
+                prompt_chunk=prompt_chunk,
+                kv_unified=kv_unified,
+                flash_attn=flash_attn,
             )
 
         super().__init__(specs, load)
 
 
-__all__ = ["BatchedEngine", "BatchedModel"]
+__all__ = ["BatchedEngine", "BatchedModel", "Scheduler"]
