@@ -8,6 +8,11 @@
    drives the engine in-process instead), streamed chat completions of ``--tokens`` tokens, 1, 2 and 4 at a time.
    Aggregate tok/s = completion tokens of all streams / wall time of the round; per-stream tok/s = tokens after
    the first / time after the first; TTFT = request sent -> first non-empty text chunk.
+3. With ``--llama-server PATH``: llama.cpp's own server (built from the same llama.cpp as llama-cpp-python, see the
+   README) with the same model, threads, slots and per-slot context, driven by the same client in the same run.
+
+Every request shares the chat template's system prompt, so a server with prompt caching evaluates only the user
+turn; ``--cold`` starts every request with its own system prompt, so TTFT is the whole prompt's processing.
 
 The numbers are only comparable within one run: the machine is shared and noisy.
 """
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.launch import running_server
+from serve.launch import free_port, running_process, running_server
 
 MODEL_NAME = "bench-model"
 TOPICS = ["a dragon", "the sea", "a robot", "a lighthouse", "a market town", "a comet", "a violin", "a glacier"]
@@ -33,6 +38,14 @@ TOPICS = ["a dragon", "the sea", "a robot", "a lighthouse", "a market town", "a 
 
 def prompt(i: int) -> str:
     return f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}."
+
+
+def messages(i: int, cold: bool) -> list[dict[str, str]]:
+    """Request ``i``'s chat; with ``cold`` its own system prompt, so no server can reuse another's prefix."""
+    turn = [{"role": "user", "content": prompt(i)}]
+    if cold:
+        return [{"role": "system", "content": f"Session {i:05d}. You are a helpful AI assistant."}, *turn]
+    return turn
 
 
 # -- raw llama.cpp --------------------------------------------------------------------------------------------------
@@ -89,6 +102,15 @@ def raw_speed(model_path: Path, threads: int, n_gen: int, chat_tokens: list[int]
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def raw_speed_apart(model_path: Path, threads: int, n_gen: int, chat_tokens: list[int]) -> dict[str, float]:
+    """``raw_speed`` in a fresh process: llama.cpp's OpenMP threads belong to the thread that first decoded, and a
+    second decoding thread in the same process (``--mode engine``'s scheduler) would compete with them."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(raw_speed, (model_path, threads, n_gen, chat_tokens))
+
+
 # -- one streamed request -----------------------------------------------------------------------------------------
 @dataclass
 class Result:
@@ -99,10 +121,10 @@ class Result:
     start: float
 
 
-async def stream_http(client: Any, url: str, model: str, i: int, n_tokens: int) -> Result:
+async def stream_http(client: Any, url: str, model: str, i: int, n_tokens: int, cold: bool = False) -> Result:
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt(i)}],
+        "messages": messages(i, cold),
         "max_tokens": n_tokens,
         "temperature": 0.8,
         "seed": i,
@@ -127,12 +149,12 @@ async def stream_http(client: Any, url: str, model: str, i: int, n_tokens: int) 
     return Result(ttft=first - start, tokens=tokens, first=first, end=end, start=start)
 
 
-async def stream_engine(engine: Any, i: int, n_tokens: int) -> Result:
+async def stream_engine(engine: Any, i: int, n_tokens: int, cold: bool = False) -> Result:
     from serve.engine.base import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
 
     req = GenerationRequest(
         model=MODEL_NAME,
-        messages=(ChatMessage("user", prompt(i)),),
+        messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages(i, cold)),
         params=SamplingParams(max_tokens=n_tokens, temperature=0.8, seed=i),
     )
     start = time.perf_counter()
@@ -164,7 +186,7 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-async def run_levels(one: Any, levels: list[int], rounds: int, n_tokens: int) -> list[Level]:
+async def run_levels(one: Any, levels: list[int], rounds: int) -> list[Level]:
     await one(0)  # warm up
     out = []
     for n in levels:
@@ -194,49 +216,83 @@ async def run_levels(one: Any, levels: list[int], rounds: int, n_tokens: int) ->
 
 
 # -- engines --------------------------------------------------------------------------------------------------------
-def bench_http(engine: str, model: Path, threads: int, levels: list[int], rounds: int, n_tokens: int) -> list[Level]:
+@dataclass
+class Setup:
+    model: Path
+    threads: int
+    levels: list[int]
+    rounds: int
+    n_tokens: int
+    cold: bool
+    slots: int = 4
+    n_ctx: int = 1024  # per slot
+
+
+def _drive_http(url: str, setup: Setup) -> list[Level]:
     import httpx
 
+    name = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+    async def main() -> list[Level]:
+        # a new connection per request: llama-server (cpp-httplib) closes a kept-alive connection after 5 requests,
+        # which a reused connection sees as a disconnect; a loopback connect costs well under a millisecond
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=300, trust_env=False, limits=limits) as client:
+            return await run_levels(
+                lambda i: stream_http(client, url, name, i, setup.n_tokens, setup.cold), setup.levels, setup.rounds
+            )
+
+    return asyncio.run(main())
+
+
+def bench_http(engine: str, setup: Setup) -> list[Level]:
     args = [
-        "--engine", engine, "--set", f"models.0.path={model}", "--set", f"models.0.n_threads={threads}",
-        "--set", "models.0.n_ctx=1024", "--set", "slots=4", "--log-level", "warning", "--no-reranker",
+        "--engine", engine, "--set", f"models.0.path={setup.model}", "--set", f"models.0.n_threads={setup.threads}",
+        "--set", f"models.0.n_ctx={setup.n_ctx}", "--set", f"slots={setup.slots}", "--log-level", "warning",
+        "--no-reranker",
     ]  # fmt: skip
     with running_server(*args) as url:
-        name = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-
-        async def main() -> list[Level]:
-            async with httpx.AsyncClient(timeout=300) as client:
-                return await run_levels(
-                    lambda i: stream_http(client, url, name, i, n_tokens), levels, rounds, n_tokens
-                )
-
-        return asyncio.run(main())
+        return _drive_http(url, setup)
 
 
-def bench_engine(engine: str, model: Path, threads: int, levels: list[int], rounds: int, n_tokens: int) -> list[Level]:
+def bench_llama_server(binary: Path, setup: Setup) -> list[Level]:
+    """llama.cpp's server with the same model, threads, slots and per-slot context as ours."""
+    port = free_port()
+    cmd = [
+        str(binary), "-m", str(setup.model), "--host", "127.0.0.1", "--port", str(port),
+        "-t", str(setup.threads), "-tb", str(setup.threads), "-np", str(setup.slots),
+        "-c", str(setup.n_ctx * setup.slots), "--no-webui", "--log-disable",
+    ]  # fmt: skip
+    with running_process(cmd, port) as url:
+        return _drive_http(url, setup)
+
+
+def bench_engine(engine: str, setup: Setup) -> list[Level]:
     from serve.engine.specs import ModelSpec
 
-    spec = ModelSpec(name=MODEL_NAME, path=model, n_ctx=1024, n_threads=threads)
+    spec = ModelSpec(name=MODEL_NAME, path=setup.model, n_ctx=setup.n_ctx, n_threads=setup.threads)
 
     async def main() -> list[Level]:
         if engine == "batched":
             from serve.engine.batched import BatchedEngine
 
-            e: Any = await asyncio.to_thread(BatchedEngine, [spec], 4)
+            e: Any = await asyncio.to_thread(BatchedEngine, [spec], setup.slots)
         else:
             from serve.engine.serial import SerialEngine
 
             e = await asyncio.to_thread(SerialEngine, [spec])
         try:
-            return await run_levels(lambda i: stream_engine(e, i, n_tokens), levels, rounds, n_tokens)
+            return await run_levels(
+                lambda i: stream_engine(e, i, setup.n_tokens, setup.cold), setup.levels, setup.rounds
+            )
         finally:
             await e.close()
 
     return asyncio.run(main())
 
 
-def chat_prompt_tokens(model: Path) -> list[int]:
-    """The tokens of the benchmark's chat prompt, rendered as the engines render it."""
+def chat_prompt_tokens(model: Path, cold: bool) -> list[int]:
+    """The tokens of request 0's chat prompt, rendered as the engines render it."""
     import llama_cpp as ll
     from llama_cpp._internals import LlamaModel
 
@@ -247,7 +303,8 @@ def chat_prompt_tokens(model: Path) -> list[int]:
     try:
         bos = m.token_get_text(m.token_bos()) if m.token_bos() >= 0 else ""
         eos = m.token_get_text(m.token_eos()) if m.token_eos() >= 0 else ""
-        text = ChatTemplate.from_metadata(m.metadata(), bos, eos).render([ChatMessage("user", prompt(0))])
+        chat = [ChatMessage(x["role"], x["content"]) for x in messages(0, cold)]
+        text = ChatTemplate.from_metadata(m.metadata(), bos, eos).render(chat)
         return list(m.tokenize(text.encode(), add_bos=True, special=True))
     finally:
         m.close()
@@ -262,30 +319,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", default="1,2,4")
     ap.add_argument("--engines", default="serial,batched")
     ap.add_argument("--mode", choices=["http", "engine"], default="http")
+    ap.add_argument("--cold", action="store_true", help="no prefix shared between requests (TTFT = whole prompt)")
+    ap.add_argument("--llama-server", type=Path, default=None, help="also run this llama-server binary (http mode)")
     args = ap.parse_args(argv)
-    levels = [int(x) for x in args.levels.split(",")]
+    setup = Setup(
+        model=args.model,
+        threads=args.threads,
+        levels=[int(x) for x in args.levels.split(",")],
+        rounds=args.rounds,
+        n_tokens=args.tokens,
+        cold=args.cold,
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    chat_tokens = chat_prompt_tokens(args.model)
-    raw = raw_speed(args.model, args.threads, args.tokens, chat_tokens)
+    chat_tokens = chat_prompt_tokens(args.model, args.cold)
+    raw = raw_speed_apart(args.model, args.threads, args.tokens, chat_tokens)
     rows: dict[str, list[Level]] = {}
     run = bench_http if args.mode == "http" else bench_engine
     print(f"raw: {raw}", file=sys.stderr, flush=True)
-    for engine in args.engines.split(","):
+    for engine in [e for e in args.engines.split(",") if e]:
         print(f"{engine}:", file=sys.stderr, flush=True)
-        rows[engine] = run(engine, args.model, args.threads, levels, args.rounds, args.tokens)
-    raw_after = raw_speed(args.model, args.threads, args.tokens, chat_tokens)
+        rows[engine] = run(engine, setup)
+    if args.llama_server is not None:
+        print("llama-server:", file=sys.stderr, flush=True)
+        rows["llama-server"] = bench_llama_server(args.llama_server, setup)
+    raw_after = raw_speed_apart(args.model, args.threads, args.tokens, chat_tokens)
 
     tg = (raw["tg"] + raw_after["tg"]) / 2
-    print(f"\nmodel {args.model.name}, {args.threads} threads, {args.tokens}-token answers, mode {args.mode}\n")
+    pp_ms = (raw["pp_chat_ms"] + raw_after["pp_chat_ms"]) / 2
+    print(
+        f"\nmodel {args.model.name}, {args.threads} threads, {args.tokens}-token answers, mode {args.mode}, "
+        f"{'cold prompts' if args.cold else 'shared system prompt'}\n"
+    )
     print(
         f"raw batch-1 llama_decode: tg{args.tokens} {raw['tg']:.1f} tok/s before, {raw_after['tg']:.1f} after "
         f"(mean {tg:.1f}); pp512 {raw['pp512']:.0f} tok/s; the chat prompt ({len(chat_tokens)} tokens) in "
-        f"{raw['pp_chat_ms']:.1f} ms\n"
+        f"{pp_ms:.1f} ms\n"
     )
     print("| engine | streams | aggregate tok/s | x raw tg | per-stream tok/s | TTFT p50 ms | TTFT p95 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| raw llama_decode | 1 | {tg:.1f} | 1.00 | {tg:.1f} | {raw['pp_chat_ms']:.1f} | |")
+    print(f"| raw llama_decode | 1 | {tg:.1f} | 1.00 | {tg:.1f} | {pp_ms:.1f} | |")
     for engine, lv in rows.items():
         for x in lv:
             print(

@@ -1,4 +1,5 @@
-"""Start `edgellm serve` as a subprocess on a free loopback port and wait until /health says ready.
+"""Start `edgellm serve` (or any server with a ``/health`` route, such as llama.cpp's ``llama-server``) as a
+subprocess on a free loopback port and wait until /health says ready.
 
 Used by benchmarks and tests that need a real server; stops it with SIGINT (graceful), then SIGKILL."""
 
@@ -41,8 +42,24 @@ def running_server(
 ) -> Iterator[str]:
     """Run ``edgellm serve --host 127.0.0.1 --port <free> *args``; yield its base URL once /health is 200."""
     port = free_port()
+    cmd = [sys.executable, "-m", "edgellm", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    with running_process(cmd, port, timeout=timeout, cwd=cwd, env=env, log=log) as url:
+        yield url
+
+
+@contextmanager
+def running_process(
+    cmd: list[str],
+    port: int,
+    timeout: float = 120.0,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    log: IO[bytes] | None = None,
+) -> Iterator[str]:
+    """Run a server command that listens on 127.0.0.1:``port``; yield its base URL once /health is 200."""
+    name = Path(cmd[0]).name if cmd[0] != sys.executable else " ".join(cmd[2:4])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edgellm", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        cmd,
         cwd=cwd,
         env=env,
         stdout=log if log is not None else subprocess.DEVNULL,
@@ -53,9 +70,9 @@ def running_server(
         deadline = time.monotonic() + timeout
         while not _healthy(url):
             if proc.poll() is not None:
-                raise RuntimeError(f"edgellm serve exited with {proc.returncode} before it was ready")
+                raise RuntimeError(f"{name} exited with {proc.returncode} before it was ready")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"edgellm serve was not ready within {timeout:.0f}s")
+                raise TimeoutError(f"{name} was not ready within {timeout:.0f}s")
             time.sleep(0.2)
         yield url
     finally:
