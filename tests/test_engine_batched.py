@@ -186,6 +186,38 @@ def test_chat_turns_reuse_the_cached_prefix(engine: BatchedEngine) -> None:
     asyncio.run(main())
 
 
+SYSTEM = (
+    "You are Quill, the help desk assistant of the Northfield public library. You answer in one short, friendly "
+    "sentence, you never invent opening hours, and you suggest asking a librarian when you are unsure."
+)
+
+
+def test_a_prefix_cached_in_another_slot_is_copied_not_recomputed(default_gguf: Path) -> None:
+    """Two requests sharing a system prompt arrive together: the one admitted to an empty slot copies the system
+    prompt's KV from the slot that holds it, and answers exactly as when it computed everything itself."""
+    spec = ModelSpec(name=MODEL, path=default_gguf, n_ctx=N_CTX, n_threads=2)
+    engine = BatchedEngine([spec], slots=2, queue_size=4)
+
+    def ask(question: str) -> GenerationRequest:
+        messages = (ChatMessage("system", SYSTEM), ChatMessage("user", question))
+        return GenerationRequest(model=MODEL, messages=messages, params=greedy(16))
+
+    async def main() -> None:
+        computed, f0 = await collect(engine, ask(PROMPTS[6]))  # slot 0, nothing cached: computed in full
+        assert f0.timings.cache_n == 0
+        await collect(engine, ask(PROMPTS[1]))  # slot 0 again (it shares the system prompt); slot 1 stays empty
+        (_, f1), (copied, f2) = await asyncio.gather(collect(engine, ask(PROMPTS[2])), collect(engine, ask(PROMPTS[6])))
+        assert f1.timings.cache_n >= 40, "the request admitted to slot 0 should reuse its own cached system prompt"
+        assert f2.timings.cache_n >= 40, "the request admitted to the empty slot should have copied the system prompt"
+        assert f2.timings.prompt_n == f2.prompt_tokens - f2.timings.cache_n
+        assert "".join(copied) == "".join(computed)
+
+    try:
+        asyncio.run(main())
+    finally:
+        asyncio.run(engine.close())
+
+
 def test_prompt_longer_than_a_slot_is_refused_before_queueing(engine: BatchedEngine) -> None:
     async def main() -> None:
         with pytest.raises(ContextOverflowError) as e:

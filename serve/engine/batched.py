@@ -159,6 +159,7 @@ class BatchedModel:
         is_eog = ll.llama_vocab_is_eog
         self._eog = frozenset(t for t in range(self.n_vocab) if is_eog(self._vocab, t))
         self._pieces = PieceTable(self._vocab, self.n_vocab)
+        self._copy_min_tokens = 1 if kv_unified else self._min_tokens_worth_copying(spec.n_ctx)
         self.created = int(time.time())
 
         self._slots = [_Slot(i) for i in range(slots)]
@@ -169,6 +170,17 @@ class BatchedModel:
         self._scheduler = scheduler or Scheduler()
         self._cond = self._scheduler.cond  # guards _waiting and _closing
         self._scheduler.attach(self)
+
+    def _min_tokens_worth_copying(self, n_ctx: int) -> int:
+        """Prefix tokens above which copying a slot's KV (``n_ctx`` cells of K and V in f16) is cheaper than
+        recomputing them (~2 FLOPs per parameter and token), taking 100 GFLOP/s and 10 GB/s as a CPU's ratio.
+        SmolLM2-135M at n_ctx 1024: 23 KB of KV per token, a copy costs as much as ~1 token: the floor of 16 wins."""
+        ll, m = self._ll, self._model.model
+        n_head = max(1, ll.llama_model_n_head(m))
+        head_dim = ll.llama_model_n_embd(m) // n_head
+        kv_bytes = 2 * ll.llama_model_n_layer(m) * head_dim * ll.llama_model_n_head_kv(m) * 2
+        n_params = max(1, ll.llama_model_n_params(m))
+        return max(16, math.ceil(n_ctx * kv_bytes * 5 / n_params))
 
     # -- request side (event loop, or any thread) ---------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -259,7 +271,10 @@ class BatchedModel:
         tokens = job.tokens
         slot.t_start = time.perf_counter()
         keep = min(_common_prefix(slot.cache, tokens), len(tokens) - 1)  # evaluate >= 1 token to get logits
-        if keep < len(slot.cache):
+        copied = self._copy_prefix(slot, tokens, keep)
+        if copied:
+            keep = copied
+        elif keep < len(slot.cache):
             if not self._ll.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
                 self._ll.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
                 keep = 0
@@ -277,6 +292,34 @@ class BatchedModel:
         slot.out_index = -1
         if keep:
             log.debug("slot %d: reusing %d cached tokens of %d", slot.seq_id, keep, len(tokens))
+
+    def _copy_prefix(self, slot: _Slot, tokens: list[int], keep: int) -> int:
+        """If another slot holds a longer prefix of ``tokens`` (the same system prompt, another user), copy its KV
+        into ``slot`` instead of recomputing it; returns the tokens now cached, or 0 if nothing was copied.
+
+        Across the per-sequence KV streams llama.cpp copies a whole stream (``seq_cp`` with p0 = p1 = -1, applied at
+        the next decode, before it computes), then the tail past the shared prefix is removed. Copying a slot's
+        ``n_ctx`` cells beats recomputing once the gain passes ``_copy_min_tokens``."""
+        best: _Slot | None = None
+        shared = 0
+        for other in self._slots:
+            if other is slot or not other.cache:
+                continue
+            n = _common_prefix(other.cache, tokens)
+            if n > shared:
+                best, shared = other, n
+        shared = min(shared, len(tokens) - 1)
+        if best is None or shared - keep < self._copy_min_tokens:
+            return 0
+        ll, mem = self._ll, self._mem
+        ll.llama_memory_seq_cp(mem, best.seq_id, slot.seq_id, -1, -1)
+        if not ll.llama_memory_seq_rm(mem, slot.seq_id, shared, -1):  # a memory without partial removal
+            ll.llama_memory_seq_rm(mem, slot.seq_id, -1, -1)
+            slot.cache.clear()
+            return 0
+        slot.cache = best.cache[:shared]
+        log.debug("slot %d: copied %d cached tokens from slot %d", slot.seq_id, shared, best.seq_id)
+        return shared
 
     def _drop_cancelled(self) -> None:
         for slot in list(self._active):
