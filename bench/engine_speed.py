@@ -6,6 +6,7 @@
    prompt-processing time of the benchmark's own chat prompt in one ``llama_decode`` (TTFT's floor), plus pp512.
 2. For each engine (serial, batched): a real ``edgellm serve`` on a loopback port (by default; ``--mode engine``
    drives the engine in-process instead), streamed chat completions of ``--tokens`` tokens, 1, 2 and 4 at a time.
+   All servers run at once and take turns round by round, so drift in the machine's load weighs on all alike.
    Aggregate tok/s = completion tokens of all streams / wall time of the round; per-stream tok/s = tokens after
    the first / time after the first; TTFT = request sent -> first non-empty text chunk.
 3. With ``--llama-server PATH``: llama.cpp's own server (built from the same llama.cpp as llama-cpp-python, see the
@@ -26,6 +27,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,32 +189,40 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-async def run_levels(one: Any, levels: list[int], rounds: int) -> list[Level]:
-    await one(0)  # warm up
-    out = []
+def summarize(n: int, results: list[Result], walls: list[float]) -> Level:
+    total = sum(g.tokens for g in results)
+    per = [(g.tokens - 1) / (g.end - g.first) for g in results if g.tokens > 1 and g.end > g.first]
+    ttfts = [g.ttft * 1000 for g in results]
+    return Level(
+        streams=n,
+        aggregate=total / sum(walls),
+        per_stream=statistics.mean(per),
+        ttft_p50=pct(ttfts, 0.5),
+        ttft_p95=pct(ttfts, 0.95),
+        tokens=total,
+    )
+
+
+async def run_rounds(ones: dict[str, Any], levels: list[int], rounds: int) -> dict[str, list[Level]]:
+    """Each level's rounds, the engines taking turns round by round (in rotating order), so a machine that gets
+    busier or quieter during the run weighs on every engine alike. ``ones[engine](i)`` streams request ``i``."""
+    for one in ones.values():
+        await one(0)  # warm up
+    names = list(ones)
+    out: dict[str, list[Level]] = {e: [] for e in names}
     for n in levels:
-        results: list[Result] = []
-        walls: list[float] = []
-        total = 0
+        results: dict[str, list[Result]] = {e: [] for e in names}
+        walls: dict[str, list[float]] = {e: [] for e in names}
         for r in range(rounds if n > 1 else rounds * 2):
-            t0 = time.perf_counter()
-            got = await asyncio.gather(*(one(r * n + k) for k in range(n)))
-            walls.append(time.perf_counter() - t0)
-            total += sum(g.tokens for g in got)
-            results.extend(got)
-        per = [(g.tokens - 1) / (g.end - g.first) for g in results if g.tokens > 1 and g.end > g.first]
-        ttfts = [g.ttft * 1000 for g in results]
-        print(f"  {n} streams: {total / sum(walls):.1f} tok/s aggregate", file=sys.stderr, flush=True)
-        out.append(
-            Level(
-                streams=n,
-                aggregate=total / sum(walls),
-                per_stream=statistics.mean(per),
-                ttft_p50=pct(ttfts, 0.5),
-                ttft_p95=pct(ttfts, 0.95),
-                tokens=total,
-            )
-        )
+            for e in names[r % len(names) :] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                got = await asyncio.gather(*(ones[e](r * n + k) for k in range(n)))
+                walls[e].append(time.perf_counter() - t0)
+                results[e].extend(got)
+        for e in names:
+            level = summarize(n, results[e], walls[e])
+            print(f"  {e}, {n} streams: {level.aggregate:.1f} tok/s aggregate", file=sys.stderr, flush=True)
+            out[e].append(level)
     return out
 
 
@@ -228,43 +239,52 @@ class Setup:
     n_ctx: int = 1024  # per slot
 
 
-def _drive_http(url: str, setup: Setup) -> list[Level]:
-    import httpx
-
-    name = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-
-    async def main() -> list[Level]:
-        # a new connection per request: llama-server (cpp-httplib) closes a kept-alive connection after 5 requests,
-        # which a reused connection sees as a disconnect; a loopback connect costs well under a millisecond
-        limits = httpx.Limits(max_keepalive_connections=0)
-        async with httpx.AsyncClient(timeout=300, trust_env=False, limits=limits) as client:
-            return await run_levels(
-                lambda i: stream_http(client, url, name, i, setup.n_tokens, setup.cold), setup.levels, setup.rounds
-            )
-
-    return asyncio.run(main())
-
-
-def bench_http(engine: str, setup: Setup) -> list[Level]:
+@contextmanager
+def edgellm_server(engine: str, setup: Setup) -> Iterator[str]:
     args = [
         "--engine", engine, "--set", f"models.0.path={setup.model}", "--set", f"models.0.n_threads={setup.threads}",
         "--set", f"models.0.n_ctx={setup.n_ctx}", "--set", f"slots={setup.slots}", "--log-level", "warning",
         "--no-reranker",
     ]  # fmt: skip
     with running_server(*args) as url:
-        return _drive_http(url, setup)
+        yield url
 
 
-def bench_llama_server(binary: Path, setup: Setup) -> list[Level]:
+@contextmanager
+def llama_server(binary: Path, setup: Setup) -> Iterator[str]:
     """llama.cpp's server with the same model, threads, slots and per-slot context as ours."""
     port = free_port()
     cmd = [
         str(binary), "-m", str(setup.model), "--host", "127.0.0.1", "--port", str(port),
         "-t", str(setup.threads), "-tb", str(setup.threads), "-np", str(setup.slots),
-        "-c", str(setup.n_ctx * setup.slots), "--no-webui", "--log-disable",
+        "-c", str(setup.n_ctx * setup.slots), "--no-webui",
     ]  # fmt: skip
     with running_process(cmd, port) as url:
-        return _drive_http(url, setup)
+        yield url
+
+
+def bench_http(engines: list[str], binary: Path | None, setup: Setup) -> dict[str, list[Level]]:
+    """All servers up at once (idle ones cost nothing), driven by one client, engines taking turns per round."""
+    import httpx
+
+    with ExitStack() as stack:
+        urls = {e: stack.enter_context(edgellm_server(e, setup)) for e in engines}
+        if binary is not None:
+            urls["llama-server"] = stack.enter_context(llama_server(binary, setup))
+        names = {e: httpx.get(f"{u}/v1/models", timeout=10).json()["data"][0]["id"] for e, u in urls.items()}
+
+        async def main() -> dict[str, list[Level]]:
+            # a new connection per request: llama-server (cpp-httplib) closes a kept-alive connection after 5
+            # requests, which a reused connection sees as a disconnect; a loopback connect costs well under a ms
+            limits = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(timeout=300, trust_env=False, limits=limits) as client:
+
+                def one(e: str) -> Any:
+                    return lambda i: stream_http(client, urls[e], names[e], i, setup.n_tokens, setup.cold)
+
+                return await run_rounds({e: one(e) for e in urls}, setup.levels, setup.rounds)
+
+        return asyncio.run(main())
 
 
 def bench_engine(engine: str, setup: Setup) -> list[Level]:
@@ -282,9 +302,8 @@ def bench_engine(engine: str, setup: Setup) -> list[Level]:
 
             e = await asyncio.to_thread(SerialEngine, [spec])
         try:
-            return await run_levels(
-                lambda i: stream_engine(e, i, setup.n_tokens, setup.cold), setup.levels, setup.rounds
-            )
+            ones = {engine: lambda i: stream_engine(e, i, setup.n_tokens, setup.cold)}
+            return (await run_rounds(ones, setup.levels, setup.rounds))[engine]
         finally:
             await e.close()
 
@@ -334,15 +353,12 @@ def main(argv: list[str] | None = None) -> int:
 
     chat_tokens = chat_prompt_tokens(args.model, args.cold)
     raw = raw_speed_apart(args.model, args.threads, args.tokens, chat_tokens)
-    rows: dict[str, list[Level]] = {}
-    run = bench_http if args.mode == "http" else bench_engine
     print(f"raw: {raw}", file=sys.stderr, flush=True)
-    for engine in [e for e in args.engines.split(",") if e]:
-        print(f"{engine}:", file=sys.stderr, flush=True)
-        rows[engine] = run(engine, setup)
-    if args.llama_server is not None:
-        print("llama-server:", file=sys.stderr, flush=True)
-        rows["llama-server"] = bench_llama_server(args.llama_server, setup)
+    engines = [e for e in args.engines.split(",") if e]
+    if args.mode == "http":
+        rows = bench_http(engines, args.llama_server, setup)
+    else:
+        rows = {e: bench_engine(e, setup) for e in engines}
     raw_after = raw_speed_apart(args.model, args.threads, args.tokens, chat_tokens)
 
     tg = (raw["tg"] + raw_after["tg"]) / 2
