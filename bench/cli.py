@@ -64,6 +64,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", type=Path, default=None, help="report folder for JSON, Markdown and PNG")
     s.set_defaults(func=_serve)
 
+    from bench.engine_speed import add_arguments
+
+    e = bsub.add_parser(
+        "engines",
+        help="raw llama.cpp decode vs our engines (and llama-server) at 1, 2, 4 concurrent streams, in one run",
+        description="Raw batch-1 llama_decode speed before and after; each engine behind a real `edgellm serve` on a "
+        "loopback port (or in-process with --mode engine), streamed chat answers at each level of concurrency, the "
+        "engines taking turns round by round. --llama-server adds llama.cpp's own server with the same model, "
+        "threads, slots and per-slot context. Prints a Markdown table; --out also writes JSON and a chart.",
+    )
+    add_arguments(e)
+    e.set_defaults(func=_engines)
+
 
 def _quant(args: argparse.Namespace) -> int:
     from bench.quant import bench_quant
@@ -107,5 +120,26 @@ def _serve(args: argparse.Namespace) -> int:
     )
     print(serve_table(report))
     for kind, path in report.files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _engines(args: argparse.Namespace) -> int:
+    from bench.engine_speed import compare_engines, engines_table
+
+    result = compare_engines(
+        model=args.model,
+        engines=[e for e in args.engines.split(",") if e],
+        levels=args.levels,
+        threads=args.threads,
+        n_tokens=args.tokens,
+        rounds=args.rounds,
+        mode=args.mode,
+        cold=args.cold,
+        llama_server=args.llama_server,
+        out=args.out,
+    )
+    print(engines_table(result))
+    for kind, path in result.files.items():
         print(f"{kind}: {path}")
     return 0

@@ -1,6 +1,7 @@
 """Engine speed in one run: raw llama.cpp decode vs the serial and batched engines, printed as a Markdown table.
 
-    python -m bench.engine_speed [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--threads 2] [--tokens 128]
+    edgellm bench engines [--llama-server PATH] [--cold] [--out reports/engines]
+    (or python -m bench.engine_speed with the same options)
 
 1. Raw: plain batch-1 ``llama_decode`` in a loop (llama-bench's tg128: one token per call, no sampling), and the
    prompt-processing time of the benchmark's own chat prompt in one ``llama_decode`` (TTFT's floor), plus pp512.
@@ -22,18 +23,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
+import logging
 import os
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.variants import BenchError
+from edgellm.fsutil import atomic_write_text
 from serve.launch import free_port, running_process, running_server
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "bench-model"
 TOPICS = ["a dragon", "the sea", "a robot", "a lighthouse", "a market town", "a comet", "a violin", "a glacier"]
@@ -221,7 +227,7 @@ async def run_rounds(ones: dict[str, Any], levels: list[int], rounds: int) -> di
                 results[e].extend(got)
         for e in names:
             level = summarize(n, results[e], walls[e])
-            print(f"  {e}, {n} streams: {level.aggregate:.1f} tok/s aggregate", file=sys.stderr, flush=True)
+            log.info("%s, %d stream(s): %.1f tok/s aggregate", e, n, level.aggregate)
             out[e].append(level)
     return out
 
@@ -329,59 +335,143 @@ def chat_prompt_tokens(model: Path, cold: bool) -> list[int]:
         m.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level (one stream: twice as many)")
-    ap.add_argument("--levels", default="1,2,4")
-    ap.add_argument("--engines", default="serial,batched")
-    ap.add_argument("--mode", choices=["http", "engine"], default="http")
-    ap.add_argument("--cold", action="store_true", help="no prefix shared between requests (TTFT = whole prompt)")
-    ap.add_argument("--llama-server", type=Path, default=None, help="also run this llama-server binary (http mode)")
-    args = ap.parse_args(argv)
-    setup = Setup(
-        model=args.model,
-        threads=args.threads,
-        levels=[int(x) for x in args.levels.split(",")],
-        rounds=args.rounds,
-        n_tokens=args.tokens,
-        cold=args.cold,
-    )
+@dataclass
+class EngineComparison:
+    """One run: raw llama.cpp before and after, and each engine's levels; numbers comparable within the run."""
+
+    model: str
+    threads: int
+    n_tokens: int
+    mode: str
+    cold: bool
+    prompt_tokens: int
+    raw_before: dict[str, float]
+    raw_after: dict[str, float]
+    rows: dict[str, list[Level]]
+    created_at: str
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def raw_tg(self) -> float:
+        return (self.raw_before["tg"] + self.raw_after["tg"]) / 2
+
+    @property
+    def raw_prompt_ms(self) -> float:
+        return (self.raw_before["pp_chat_ms"] + self.raw_after["pp_chat_ms"]) / 2
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def compare_engines(
+    model: Path,
+    engines: list[str],
+    levels: list[int],
+    threads: int = 2,
+    n_tokens: int = 128,
+    rounds: int = 3,
+    mode: str = "http",
+    cold: bool = False,
+    llama_server: Path | None = None,
+    out: Path | None = None,
+) -> EngineComparison:
+    """Raw decode speed, then each engine (and ``llama_server``, a llama-server binary) at each level of concurrent
+    streams, then raw again. With ``out``: ``engines.json``, ``engines.md`` and ``engines.png`` written there."""
+    if mode not in ("http", "engine"):
+        raise BenchError(f"mode must be http or engine, not {mode!r}")
+    if not model.is_file():
+        raise BenchError(f"{model}: no such GGUF file (edgellm models pull default)")
+    if llama_server is not None and not (llama_server.is_file() and os.access(llama_server, os.X_OK)):
+        raise BenchError(f"{llama_server}: not an executable llama-server (see README, Benchmarks)")
+    if llama_server is not None and mode != "http":
+        raise BenchError("llama-server can only be compared over HTTP (mode http)")
+    if not levels or min(levels) < 1 or rounds < 1 or n_tokens < 1:
+        raise BenchError("levels, rounds and tokens must be >= 1")
+    setup = Setup(model=model, threads=threads, levels=levels, rounds=rounds, n_tokens=n_tokens, cold=cold)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    chat_tokens = chat_prompt_tokens(args.model, args.cold)
-    raw = raw_speed_apart(args.model, args.threads, args.tokens, chat_tokens)
-    print(f"raw: {raw}", file=sys.stderr, flush=True)
-    engines = [e for e in args.engines.split(",") if e]
-    if args.mode == "http":
-        rows = bench_http(engines, args.llama_server, setup)
+    chat_tokens = chat_prompt_tokens(model, cold)
+    log.info("raw llama.cpp decode speed")
+    raw_before = raw_speed_apart(model, threads, n_tokens, chat_tokens)
+    if mode == "http":
+        rows = bench_http(engines, llama_server, setup)
     else:
         rows = {e: bench_engine(e, setup) for e in engines}
-    raw_after = raw_speed_apart(args.model, args.threads, args.tokens, chat_tokens)
+    log.info("raw llama.cpp decode speed, again")
+    raw_after = raw_speed_apart(model, threads, n_tokens, chat_tokens)
+    result = EngineComparison(
+        model=str(model),
+        threads=threads,
+        n_tokens=n_tokens,
+        mode=mode,
+        cold=cold,
+        prompt_tokens=len(chat_tokens),
+        raw_before=raw_before,
+        raw_after=raw_after,
+        rows=rows,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    if out is not None:
+        from bench.report import engines_chart
 
-    tg = (raw["tg"] + raw_after["tg"]) / 2
-    pp_ms = (raw["pp_chat_ms"] + raw_after["pp_chat_ms"]) / 2
-    print(
-        f"\nmodel {args.model.name}, {args.threads} threads, {args.tokens}-token answers, mode {args.mode}, "
-        f"{'cold prompts' if args.cold else 'shared system prompt'}\n"
-    )
-    print(
-        f"raw batch-1 llama_decode: tg{args.tokens} {raw['tg']:.1f} tok/s before, {raw_after['tg']:.1f} after "
-        f"(mean {tg:.1f}); pp512 {raw['pp512']:.0f} tok/s; the chat prompt ({len(chat_tokens)} tokens) in "
-        f"{pp_ms:.1f} ms\n"
-    )
-    print("| engine | streams | aggregate tok/s | x raw tg | per-stream tok/s | TTFT p50 ms | TTFT p95 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| raw llama_decode | 1 | {tg:.1f} | 1.00 | {tg:.1f} | {pp_ms:.1f} | |")
-    for engine, lv in rows.items():
-        for x in lv:
-            print(
+        out.mkdir(parents=True, exist_ok=True)
+        result.files = {k: str(out / f"engines.{k}") for k in ("json", "md", "png")}
+        atomic_write_text(out / "engines.md", engines_table(result))
+        engines_chart(result, out / "engines.png")
+        atomic_write_text(out / "engines.json", result.to_json())
+    return result
+
+
+def engines_table(r: EngineComparison) -> str:
+    tg, pp_ms = r.raw_tg, r.raw_prompt_ms
+    lines = [
+        f"model {Path(r.model).name}, {r.threads} threads, {r.n_tokens}-token answers, mode {r.mode}, "
+        f"{'cold prompts' if r.cold else 'shared system prompt'}",
+        "",
+        f"raw batch-1 llama_decode: tg{r.n_tokens} {r.raw_before['tg']:.1f} tok/s before, {r.raw_after['tg']:.1f} "
+        f"after (mean {tg:.1f}); pp512 {r.raw_before['pp512']:.0f} tok/s; the chat prompt ({r.prompt_tokens} "
+        f"tokens) in {pp_ms:.1f} ms",
+        "",
+        "| engine | streams | aggregate tok/s | x raw tg | per-stream tok/s | TTFT p50 ms | TTFT p95 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| raw llama_decode | 1 | {tg:.1f} | 1.00 | {tg:.1f} | {pp_ms:.1f} | |",
+    ]
+    for engine, levels in r.rows.items():
+        for x in levels:
+            lines.append(
                 f"| {engine} | {x.streams} | {x.aggregate:.1f} | {x.aggregate / tg:.2f} | {x.per_stream:.1f} "
                 f"| {x.ttft_p50:.1f} | {x.ttft_p95:.1f} |"
             )
-    return 0
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), help="a GGUF file")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default: 2)")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens per answer (default: 128)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per level; one stream: twice as many (default: 3)")
+    ap.add_argument("--levels", type=_int_list, default=[1, 2, 4], help="concurrent streams (default: 1,2,4)")
+    ap.add_argument("--engines", default="serial,batched", help="edgellm engines (default: serial,batched)")
+    ap.add_argument("--mode", choices=["http", "engine"], default="http", help="real servers, or engines in-process")
+    ap.add_argument("--cold", action="store_true", help="no prefix shared between requests (TTFT = whole prompt)")
+    ap.add_argument("--llama-server", type=Path, default=None, help="also run this llama-server binary (http mode)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for engines.json, engines.md and engines.png")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 1,2,4; got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from bench.cli import _engines
+
+    return _engines(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from edgellm.fsutil import atomic_path
 
 if TYPE_CHECKING:
+    from bench.engine_speed import EngineComparison
     from bench.loadtest import ServeReport
     from bench.quant import QuantReport
 
@@ -191,5 +192,49 @@ def serve_chart(report: ServeReport, path: Path) -> None:
     ax_t.set_title("aggregate throughput")
     ax_t.grid(alpha=0.3)
     fig.suptitle(f"{report.url} ({report.model})")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def engines_chart(result: EngineComparison, path: Path) -> None:
+    """Left: aggregate tokens/s vs concurrent streams per engine, the raw batch-1 decode speed as a line;
+    right: TTFT p50 (bars) and p95 (whiskers) per engine and level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4.5))
+    engines = list(result.rows)
+    for name in engines:
+        levels = result.rows[name]
+        ax_t.plot([x.streams for x in levels], [x.aggregate for x in levels], "o-", label=name)
+    ax_t.axhline(result.raw_tg, color="grey", linestyle="--", label=f"raw decode ({result.raw_tg:.0f} tok/s)")
+    streams = sorted({x.streams for levels in result.rows.values() for x in levels})
+    ax_t.set_xticks(streams)
+    ax_t.set_xlabel("concurrent streams")
+    ax_t.set_ylabel("aggregate completion tokens/s")
+    ax_t.set_ylim(bottom=0)
+    ax_t.set_title("throughput")
+    ax_t.grid(alpha=0.3)
+    ax_t.legend()
+    width = 0.8 / max(1, len(engines))
+    for k, name in enumerate(engines):
+        by = {x.streams: x for x in result.rows[name]}
+        xs = [i + (k - (len(engines) - 1) / 2) * width for i, n in enumerate(streams) if n in by]
+        p50 = [by[n].ttft_p50 for n in streams if n in by]
+        p95 = [by[n].ttft_p95 for n in streams if n in by]
+        ax_l.bar(xs, p50, width, label=name)
+        ax_l.errorbar(xs, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p95, strict=True)]], fmt="none",
+                      ecolor="black", capsize=3)  # fmt: skip
+    ax_l.axhline(result.raw_prompt_ms, color="grey", linestyle="--", label="raw prompt processing")
+    ax_l.set_xticks(range(len(streams)), [str(n) for n in streams])
+    ax_l.set_xlabel("concurrent streams")
+    ax_l.set_ylabel("time to first token, ms (p50, whisker p95)")
+    ax_l.set_title("latency")
+    ax_l.grid(alpha=0.3, axis="y")
+    ax_l.legend()
+    prompts = "cold prompts" if result.cold else "shared system prompt"
+    fig.suptitle(f"{Path(result.model).name}: {result.threads} threads, {result.n_tokens}-token answers, {prompts}")
     fig.tight_layout()
     _save(fig, path)
