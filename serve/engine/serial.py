@@ -1,5 +1,9 @@
 """The serial engine: one llama-cpp-python ``Llama`` per model and one worker thread that serves its requests one
-after another, in arrival order. Simple and robust; the batched engine is the fast one."""
+after another, in arrival order. Simple and robust; the batched engine is the fast one.
+
+Every model's decoding runs on one shared thread (``decoder``): llama.cpp's OpenMP team belongs to the thread that
+decodes, and a second team (a second model with its own thread) made libgomp oversubscribe the cores and both
+models decode ~3x slower. Workers hand each step of their generation to that thread."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from serve.engine.base import (
@@ -40,10 +46,12 @@ class _TokenClock:
 class SerialModel:
     """A loaded GGUF and its worker thread."""
 
-    def __init__(self, spec: ModelSpec, queue_size: int) -> None:
+    def __init__(self, spec: ModelSpec, queue_size: int, decoder: ThreadPoolExecutor | None = None) -> None:
         from llama_cpp import Llama
 
         self.spec = spec
+        self._owns_decoder = decoder is None
+        self._decoder = decoder or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{spec.name}")
         threads = spec.n_threads or default_threads()
         self.llm = Llama(
             model_path=str(spec.path),
@@ -110,7 +118,8 @@ class SerialModel:
         from llama_cpp import LogitsProcessorList
 
         t0 = time.perf_counter()
-        chunks = self.llm.create_completion(
+        chunks = self._on_decoder(
+            self.llm.create_completion,
             prompt=job.tokens,
             max_tokens=p.max_tokens,
             temperature=p.temperature,
@@ -127,7 +136,7 @@ class SerialModel:
         )
         finish: FinishReason = "length"
         try:
-            for raw in chunks:  # type: ignore[union-attr]
+            for raw in self._steps(chunks):
                 chunk = cast(dict[str, Any], raw)
                 if job.cancelled.is_set():
                     log.debug("request cancelled after %d tokens", clock.n)
@@ -138,7 +147,7 @@ class SerialModel:
                 if choice["finish_reason"]:
                     finish = "stop" if choice["finish_reason"] == "stop" else "length"
         finally:
-            chunks.close()  # type: ignore[union-attr]
+            self._on_decoder(chunks.close)
         t1 = time.perf_counter()
         first = clock.first or t1
         job.stream.emit(
@@ -155,23 +164,44 @@ class SerialModel:
             )
         )
 
+    def _on_decoder(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._decoder.submit(fn, *args, **kwargs).result()
+
+    def _steps(self, chunks: Any) -> Iterator[Any]:
+        """The chunks of a streamed completion, each computed on the decoder thread."""
+        end = object()
+        while (chunk := self._on_decoder(next, chunks, end)) is not end:
+            yield chunk
+
     def close(self) -> None:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         self._thread.join(timeout=30)
         self.llm.close()
+        if self._owns_decoder:
+            self._decoder.shutdown(wait=False)
 
 
 class SerialEngine(ModelPool):
     """Serves each model's requests one at a time, in arrival order, off the event loop."""
 
     def __init__(self, specs: list[ModelSpec], queue_size: int = 64) -> None:
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serial-decoder")
+
         def load(spec: ModelSpec) -> SerialModel:
             log.info("loading %s from %s", spec.name, spec.path)
-            return SerialModel(spec, queue_size)
+            return SerialModel(spec, queue_size, self._decoder)
 
-        super().__init__(specs, load)
+        try:
+            super().__init__(specs, load)
+        except BaseException:
+            self._decoder.shutdown(wait=False)
+            raise
+
+    async def close(self) -> None:
+        await super().close()
+        self._decoder.shutdown(wait=True)
 
 
 __all__ = ["SerialEngine"]
