@@ -228,6 +228,9 @@ def engines_chart(result: EngineComparison, path: Path) -> None:
         ax_l.errorbar(xs, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p95, strict=True)]], fmt="none",
                       ecolor="black", capsize=3)  # fmt: skip
     ax_l.axhline(result.raw_prompt_ms, color="grey", linestyle="--", label="raw prompt processing")
+    ttfts = [v for levels in result.rows.values() for x in levels for v in (x.ttft_p50, x.ttft_p95) if v > 0]
+    if ttfts and max(ttfts) > 20 * min(ttfts):  # a queueing engine's seconds would flatten everyone else's ms
+        ax_l.set_yscale("log")
     ax_l.set_xticks(range(len(streams)), [str(n) for n in streams])
     ax_l.set_xlabel("concurrent streams")
     ax_l.set_ylabel("time to first token, ms (p50, whisker p95)")

@@ -218,6 +218,50 @@ def test_a_prefix_cached_in_another_slot_is_copied_not_recomputed(default_gguf: 
         asyncio.run(engine.close())
 
 
+def test_prompts_arriving_together_are_read_one_after_another(
+    default_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four ~50-token prompts at once: no decode step reads more than one of them (each step starts the next prompt
+    only below prompt_min_batch tokens), so the first request starts streaming after one prompt's time, not four."""
+    import llama_cpp
+
+    readers_per_step: list[int] = []
+    real_decode = llama_cpp.llama_decode
+
+    def decode(ctx, batch):  # type: ignore[no-untyped-def]
+        counts: dict[int, int] = {}
+        for i in range(batch.n_tokens):
+            sid = batch.seq_id[i][0]
+            counts[sid] = counts.get(sid, 0) + 1
+        readers_per_step.append(sum(1 for c in counts.values() if c > 1))
+        return real_decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    engine = BatchedEngine([ModelSpec(name=MODEL, path=default_gguf, n_ctx=N_CTX, n_threads=2)], slots=4)
+    subjects = ["otters", "volcanoes", "lighthouses", "violins"]
+
+    async def main() -> list[Finished]:
+        requests = [
+            GenerationRequest(
+                model=MODEL,
+                prompt=f"{s.capitalize()} are the subject of this essay. " * 5 + f"Facts about {s}:",
+                params=greedy(4),
+            )
+            for s in subjects
+        ]
+        results = await asyncio.gather(*(collect(engine, r) for r in requests))
+        return [f for _, f in results]
+
+    try:
+        finished = asyncio.run(main())
+    finally:
+        asyncio.run(engine.close())
+    assert all(f.timings.prompt_n >= 40 for f in finished)
+    assert readers_per_step and max(readers_per_step) == 1, readers_per_step
+    firsts = sorted(f.timings.prompt_ms for f in finished)
+    assert firsts[0] < firsts[-1] / 2, f"time to first token per request (ms): {firsts}"
+
+
 def test_prompt_longer_than_a_slot_is_refused_before_queueing(engine: BatchedEngine) -> None:
     async def main() -> None:
         with pytest.raises(ContextOverflowError) as e:

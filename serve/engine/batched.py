@@ -7,8 +7,12 @@ Per model: one llama context with ``slots`` sequences; one scheduler thread serv
    prompt, so the next turn of a chat reuses its KV instead of recomputing it; ties go to the lowest slot),
 2. frees the slots of cancelled requests (client gone),
 3. builds one ``llama_batch``: the last sampled token of every generating sequence, then prompt tokens of the
-   sequences still reading their prompt (a whole ``n_batch`` when nobody is generating, at most ``prompt_chunk``
-   otherwise, so a long prompt slows the other streams down instead of freezing them),
+   sequences still reading their prompt, oldest request first (a whole ``n_batch`` when nobody is generating, at
+   most ``prompt_chunk`` otherwise, so a long prompt slows the other streams down instead of freezing them). A
+   step starts the next prompt only while it holds fewer than ``prompt_min_batch`` prompt tokens: on a CPU a
+   prompt token costs about the same in a batch of 40 as in one of 500, so four 40-token prompts arriving together
+   get their first tokens after ~1, 2, 3 and 4 prompt times rather than all after 4 (measured TTFT p50 at four
+   cold streams: 438 ms all together; llama-server, which staggers them, 326 ms),
 4. runs one ``llama_decode``, samples each sequence that has an output with its own sampler chain
    (``llama_sampler_sample`` in C, no copy of the logits), detokenizes incrementally and emits the text.
 
@@ -95,6 +99,7 @@ class _Slot:
         self.n_cached = 0
         self.n_evaluated = 0
         self.t_start = 0.0
+        self.admitted = 0  # admission number: prompts are read oldest first
         self.t_first = 0.0
 
 
@@ -109,6 +114,7 @@ class BatchedModel:
         queue_size: int,
         scheduler: Scheduler | None = None,
         prompt_chunk: int = 128,
+        prompt_min_batch: int = 32,
         kv_unified: bool = False,
         flash_attn: bool | None = None,
     ) -> None:
@@ -122,6 +128,8 @@ class BatchedModel:
         self._queue_size = queue_size
         self.n_batch = max(spec.n_batch, slots)  # room for every sequence's next token in one batch
         self.prompt_chunk = max(1, min(prompt_chunk, self.n_batch))
+        self.prompt_min_batch = max(1, prompt_min_batch)
+        self._admissions = 0
         set_verbose(False)
         ll.llama_backend_init()
 
@@ -270,6 +278,8 @@ class BatchedModel:
         assert job is not None
         tokens = job.tokens
         slot.t_start = time.perf_counter()
+        self._admissions += 1
+        slot.admitted = self._admissions
         keep = min(_common_prefix(slot.cache, tokens), len(tokens) - 1)  # evaluate >= 1 token to get logits
         copied = self._copy_prefix(slot, tokens, keep)
         if copied:
@@ -346,10 +356,12 @@ class BatchedModel:
         if n:
             budget = min(budget, self.prompt_chunk)
         reading: list[tuple[_Slot, int]] = []
-        for s in self._active:
-            if not s.pending or budget <= 0:
-                continue
+        taken = 0
+        for s in sorted((s for s in self._active if s.pending), key=lambda s: s.admitted):
+            if budget <= 0 or taken >= self.prompt_min_batch:
+                break
             take = min(len(s.pending), budget)
+            taken += take
             p0 = len(s.cache)
             sid = s.seq_id
             chunk = s.pending
