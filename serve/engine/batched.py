@@ -11,8 +11,8 @@ Per model: one llama context with ``slots`` sequences; one scheduler thread serv
    most ``prompt_chunk`` otherwise, so a long prompt slows the other streams down instead of freezing them). A
    step starts the next prompt only while it holds fewer than ``prompt_min_batch`` prompt tokens: on a CPU a
    prompt token costs about the same in a batch of 40 as in one of 500, so four 40-token prompts arriving together
-   get their first tokens after ~1, 2, 3 and 4 prompt times rather than all after 4 (measured TTFT p50 at four
-   cold streams: 438 ms all together; llama-server, which staggers them, 326 ms),
+   get their first tokens after ~1, 2, 3 and 4 prompt times rather than all after 4 (TTFT p50 at four cold
+   streams here: 438 ms with all prompts in one step, 353 ms read one after another; llama-server 326-439 ms),
 4. runs one ``llama_decode``, samples each sequence that has an output with its own sampler chain
    (``llama_sampler_sample`` in C, no copy of the logits), detokenizes incrementally and emits the text.
 
