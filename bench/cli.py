@@ -1,4 +1,5 @@
-"""`edgellm bench quant|serve`: a thin layer over `bench.quant.bench_quant` and `bench.loadtest.bench_serve`.
+"""`edgellm bench quant|serve|engines`: a thin layer over `bench.quant.bench_quant`, `bench.loadtest.bench_serve`
+and `bench.engine_speed.compare_engines`.
 
 edgellm bench quant models/demo/ --out reports/demo/
 edgellm bench serve --url http://127.0.0.1:8000 --concurrency 1,2,4,8 --requests 32 --out reports/serve/
@@ -64,8 +65,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", type=Path, default=None, help="report folder for JSON, Markdown and PNG")
     s.set_defaults(func=_serve)
 
-    from bench.engine_speed import add_arguments
-
     e = bsub.add_parser(
         "engines",
         help="raw llama.cpp decode vs our engines (and llama-server) at 1, 2, 4 concurrent streams, in one run",
@@ -74,7 +73,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "engines taking turns round by round. --llama-server adds llama.cpp's own server with the same model, "
         "threads, slots and per-slot context. Prints a Markdown table; --out also writes JSON and a chart.",
     )
-    add_arguments(e)
+    e.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), help="a GGUF file")
+    e.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default: 2)")
+    e.add_argument("--tokens", type=int, default=128, help="tokens per answer (default: 128)")
+    e.add_argument("--rounds", type=int, default=3, help="rounds per level; one stream: twice as many (default: 3)")
+    e.add_argument("--levels", type=_int_list, default=[1, 2, 4], help="concurrent streams (default: 1,2,4)")
+    e.add_argument("--engines", default="serial,batched", help="edgellm engines (default: serial,batched)")
+    e.add_argument("--mode", choices=["http", "engine"], default="http", help="real servers, or engines in-process")
+    e.add_argument("--cold", action="store_true", help="no prefix shared between requests (TTFT = whole prompt)")
+    e.add_argument("--llama-server", type=Path, default=None, help="also run this llama-server binary (http mode)")
+    e.add_argument("--out", type=Path, default=None, help="folder for engines.json, engines.md and engines.png")
     e.set_defaults(func=_engines)
 
 
@@ -94,10 +102,7 @@ def _quant(args: argparse.Namespace) -> int:
         reference=args.reference,
         repack=args.repack,
     )
-    print(Path(report.files["table"]).read_text(encoding="utf-8"))
-    for kind, path in report.files.items():
-        print(f"{kind}: {path}")
-    return 0
+    return _print_report(Path(report.files["table"]).read_text(encoding="utf-8"), report.files)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -118,10 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model,
         out=args.out,
     )
-    print(serve_table(report))
-    for kind, path in report.files.items():
-        print(f"{kind}: {path}")
-    return 0
+    return _print_report(serve_table(report), report.files)
 
 
 def _engines(args: argparse.Namespace) -> int:
@@ -139,7 +141,12 @@ def _engines(args: argparse.Namespace) -> int:
         llama_server=args.llama_server,
         out=args.out,
     )
-    print(engines_table(result))
-    for kind, path in result.files.items():
+    return _print_report(engines_table(result), result.files)
+
+
+def _print_report(table: str, files: dict[str, str]) -> int:
+    """The table, then where each written file is."""
+    print(table)
+    for kind, path in files.items():
         print(f"{kind}: {path}")
     return 0

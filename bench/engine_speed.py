@@ -21,13 +21,13 @@ The numbers are only comparable within one run: the machine is shared and noisy.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import json
 import logging
 import os
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -59,55 +59,27 @@ def messages(i: int, cold: bool) -> list[dict[str, str]]:
 
 # -- raw llama.cpp --------------------------------------------------------------------------------------------------
 def raw_speed(model_path: Path, threads: int, n_gen: int, chat_tokens: list[int], reps: int = 3) -> dict[str, float]:
-    import llama_cpp as ll
-    from llama_cpp._logger import set_verbose
+    from bench.lowlevel import LlamaRunner, silence_llama_logs
 
-    set_verbose(False)
-    ll.llama_backend_init()
-    model = ll.llama_model_load_from_file(str(model_path).encode(), ll.llama_model_default_params())
-    cparams = ll.llama_context_default_params()
-    cparams.n_ctx = 1024
-    cparams.n_batch = cparams.n_ubatch = 512
-    cparams.n_threads = cparams.n_threads_batch = threads
-    cparams.no_perf = True
-    ctx = ll.llama_init_from_model(model, cparams)
-    mem = ll.llama_get_memory(ctx)
-    n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(model))
-    batch = ll.llama_batch_init(512, 0, 1)
-
-    def decode(tokens: list[int], p0: int) -> None:
-        for i, t in enumerate(tokens):
-            batch.token[i] = t
-            batch.pos[i] = p0 + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 0
-        batch.logits[len(tokens) - 1] = 1
-        batch.n_tokens = len(tokens)
-        rc = ll.llama_decode(ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-
+    silence_llama_logs()
     out: dict[str, list[float]] = {"tg": [], "pp512": [], "pp_chat_ms": []}
-    decode([1], 0)  # warm up
-    for _ in range(reps):
-        ll.llama_memory_clear(mem, True)
-        t0 = time.perf_counter()
-        decode([(i * 7919) % n_vocab for i in range(512)], 0)
-        out["pp512"].append(512 / (time.perf_counter() - t0))
-        ll.llama_memory_clear(mem, True)
-        t0 = time.perf_counter()
-        decode(chat_tokens, 0)
-        out["pp_chat_ms"].append((time.perf_counter() - t0) * 1000)
-        ll.llama_memory_clear(mem, True)
-        decode([1], 0)
-        t0 = time.perf_counter()
-        for i in range(n_gen):
-            decode([(i * 31 + 7) % n_vocab], i + 1)
-        out["tg"].append(n_gen / (time.perf_counter() - t0))
-    ll.llama_batch_free(batch)
-    ll.llama_free(ctx)
-    ll.llama_model_free(model)
+    with LlamaRunner(model_path, n_ctx=1024, n_batch=512, n_threads=threads) as r:
+        r.decode([1])  # warm up
+        for _ in range(reps):
+            r.clear()
+            t0 = time.perf_counter()
+            r.decode([(i * 7919) % r.n_vocab for i in range(512)])
+            out["pp512"].append(512 / (time.perf_counter() - t0))
+            r.clear()
+            t0 = time.perf_counter()
+            r.decode(chat_tokens)
+            out["pp_chat_ms"].append((time.perf_counter() - t0) * 1000)
+            r.clear()
+            r.decode([1])
+            t0 = time.perf_counter()
+            for i in range(n_gen):
+                r.decode([(i * 31 + 7) % r.n_vocab], i + 1)
+            out["tg"].append(n_gen / (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in out.items()}
 
 
@@ -445,33 +417,11 @@ def engines_table(r: EngineComparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), help="a GGUF file")
-    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default: 2)")
-    ap.add_argument("--tokens", type=int, default=128, help="tokens per answer (default: 128)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per level; one stream: twice as many (default: 3)")
-    ap.add_argument("--levels", type=_int_list, default=[1, 2, 4], help="concurrent streams (default: 1,2,4)")
-    ap.add_argument("--engines", default="serial,batched", help="edgellm engines (default: serial,batched)")
-    ap.add_argument("--mode", choices=["http", "engine"], default="http", help="real servers, or engines in-process")
-    ap.add_argument("--cold", action="store_true", help="no prefix shared between requests (TTFT = whole prompt)")
-    ap.add_argument("--llama-server", type=Path, default=None, help="also run this llama-server binary (http mode)")
-    ap.add_argument("--out", type=Path, default=None, help="folder for engines.json, engines.md and engines.png")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 1,2,4; got {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from bench.cli import _engines
+    """``python -m bench.engine_speed ...`` is ``edgellm bench engines ...``."""
+    from edgellm.cli import main as edgellm_main
 
-    return _engines(ap.parse_args(argv))
+    return edgellm_main(["bench", "engines", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -99,7 +99,6 @@ class _Slot:
         self.n_cached = 0
         self.n_evaluated = 0
         self.t_start = 0.0
-        self.admitted = 0  # admission number: prompts are read oldest first
         self.t_first = 0.0
 
 
@@ -129,7 +128,6 @@ class BatchedModel:
         self.n_batch = max(spec.n_batch, slots)  # room for every sequence's next token in one batch
         self.prompt_chunk = max(1, min(prompt_chunk, self.n_batch))
         self.prompt_min_batch = max(1, prompt_min_batch)
-        self._admissions = 0
         set_verbose(False)
         ll.llama_backend_init()
 
@@ -171,7 +169,7 @@ class BatchedModel:
         self.created = int(time.time())
 
         self._slots = [_Slot(i) for i in range(slots)]
-        self._active: list[_Slot] = []  # in admission order
+        self._active: list[_Slot] = []  # in seq_id order (the batch's order)
         self._waiting: deque[Job] = deque()
         self._closing = False
         self._service_s = 2.0  # moving average of a request's time in a slot, for Retry-After
@@ -278,8 +276,6 @@ class BatchedModel:
         assert job is not None
         tokens = job.tokens
         slot.t_start = time.perf_counter()
-        self._admissions += 1
-        slot.admitted = self._admissions
         keep = min(_common_prefix(slot.cache, tokens), len(tokens) - 1)  # evaluate >= 1 token to get logits
         copied = self._copy_prefix(slot, tokens, keep)
         if copied:
@@ -357,7 +353,7 @@ class BatchedModel:
             budget = min(budget, self.prompt_chunk)
         reading: list[tuple[_Slot, int]] = []
         taken = 0
-        for s in sorted((s for s in self._active if s.pending), key=lambda s: s.admitted):
+        for s in sorted((s for s in self._active if s.pending), key=lambda s: s.t_start):
             if budget <= 0 or taken >= self.prompt_min_batch:
                 break
             take = min(len(s.pending), budget)

@@ -43,12 +43,25 @@ def usage(f: Finished) -> dict[str, int]:
     }
 
 
+class _SplicedDeltas:
+    """``delta_json(text)``: ``dumps(self.delta_chunk(text))`` from the chunk template, rendered once."""
+
+    _delta: _Spliced | None = None
+
+    def delta_chunk(self, text: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def delta_json(self, text: str) -> str:
+        if self._delta is None:
+            self._delta = _Spliced(self.delta_chunk(_MARK))
+        return self._delta.render(text)
+
+
 @dataclass
-class ChatFormat:
+class ChatFormat(_SplicedDeltas):
     model: str
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
-    _delta: _Spliced | None = field(default=None, init=False, repr=False)
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
@@ -67,10 +80,6 @@ class ChatFormat:
     def delta_chunk(self, text: str) -> dict[str, Any]:
         return self._chunk([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
 
-    def delta_json(self, text: str) -> str:
-        if self._delta is None:
-            self._delta = _Spliced(self.delta_chunk(_MARK))
-        return self._delta.render(text)
 
     def final_chunk(self, f: Finished) -> dict[str, Any]:
         return self._chunk([{"index": 0, "delta": {}, "finish_reason": f.finish_reason}])
@@ -99,11 +108,10 @@ class ChatFormat:
 
 
 @dataclass
-class CompletionFormat:
+class CompletionFormat(_SplicedDeltas):
     model: str
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
-    _delta: _Spliced | None = field(default=None, init=False, repr=False)
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
@@ -122,10 +130,6 @@ class CompletionFormat:
     def delta_chunk(self, text: str) -> dict[str, Any]:
         return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}])
 
-    def delta_json(self, text: str) -> str:
-        if self._delta is None:
-            self._delta = _Spliced(self.delta_chunk(_MARK))
-        return self._delta.render(text)
 
     def final_chunk(self, f: Finished) -> dict[str, Any]:
         return self._chunk([{"index": 0, "text": "", "logprobs": None, "finish_reason": f.finish_reason}])
