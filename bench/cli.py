@@ -87,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _quant(args: argparse.Namespace) -> int:
-    from bench.quant import bench_quant
+    from edgellm.bench.quant import bench_quant
 
     report = bench_quant(
         src=args.src,
@@ -108,8 +108,8 @@ def _quant(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from bench.loadtest import bench_serve
-    from bench.report import serve_table
+    from edgellm.bench.loadtest import bench_serve
+    from edgellm.bench.report import serve_table
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the report
 
@@ -127,7 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _engines(args: argparse.Namespace) -> int:
-    from bench.engine_speed import compare_engines, engines_table
+    from edgellm.bench.engine_speed import compare_engines, engines_table
 
     result = compare_engines(
         model=args.model,

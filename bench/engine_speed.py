@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.variants import BenchError
+from edgellm.bench.variants import BenchError
 from edgellm.fsutil import atomic_write_text
-from serve.launch import free_port, running_process, running_server
+from edgellm.launch import free_port, running_process, running_server
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def messages(i: int, cold: bool) -> list[dict[str, str]]:
 
 # -- raw llama.cpp --------------------------------------------------------------------------------------------------
 def raw_speed(model_path: Path, threads: int, n_gen: int, chat_tokens: list[int], reps: int = 3) -> dict[str, float]:
-    from bench.lowlevel import LlamaRunner, silence_llama_logs
+    from edgellm.bench.lowlevel import LlamaRunner, silence_llama_logs
 
     silence_llama_logs()
     out: dict[str, list[float]] = {"tg": [], "pp512": [], "pp_chat_ms": []}
@@ -131,7 +131,7 @@ async def stream_http(client: Any, url: str, model: str, i: int, n_tokens: int, 
 
 
 async def stream_engine(engine: Any, i: int, n_tokens: int, cold: bool = False) -> Result:
-    from serve.engine.base import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
+    from edgellm.serve.engine.base import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
 
     req = GenerationRequest(
         model=MODEL_NAME,
@@ -266,17 +266,17 @@ def bench_http(engines: list[str], binary: Path | None, setup: Setup) -> dict[st
 
 
 def bench_engine(engine: str, setup: Setup) -> list[Level]:
-    from serve.engine.specs import ModelSpec
+    from edgellm.serve.engine.specs import ModelSpec
 
     spec = ModelSpec(name=MODEL_NAME, path=setup.model, n_ctx=setup.n_ctx, n_threads=setup.threads)
 
     async def main() -> list[Level]:
         if engine == "batched":
-            from serve.engine.batched import BatchedEngine
+            from edgellm.serve.engine.batched import BatchedEngine
 
             e: Any = await asyncio.to_thread(BatchedEngine, [spec], setup.slots)
         else:
-            from serve.engine.serial import SerialEngine
+            from edgellm.serve.engine.serial import SerialEngine
 
             e = await asyncio.to_thread(SerialEngine, [spec])
         try:
@@ -293,8 +293,8 @@ def chat_prompt_tokens(model: Path, cold: bool) -> list[int]:
     import llama_cpp as ll
     from llama_cpp._internals import LlamaModel
 
-    from serve.engine.base import ChatMessage
-    from serve.engine.prompt import ChatTemplate
+    from edgellm.serve.engine.base import ChatMessage
+    from edgellm.serve.engine.prompt import ChatTemplate
 
     m = LlamaModel(path_model=str(model), params=ll.llama_model_default_params(), verbose=False)
     try:
@@ -384,7 +384,7 @@ def compare_engines(
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     if out is not None:
-        from bench.report import engines_chart
+        from edgellm.bench.report import engines_chart
 
         out.mkdir(parents=True, exist_ok=True)
         result.files = {k: str(out / f"engines.{k}") for k in ("json", "md", "png")}

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from bench.variants import BenchError
+from edgellm.bench.variants import BenchError
 from edgellm.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -327,7 +327,7 @@ def bench_serve(
 
     report = asyncio.run(run())
     if out is not None:
-        from bench.report import serve_chart, serve_table
+        from edgellm.bench.report import serve_chart, serve_table
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

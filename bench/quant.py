@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.variants import BenchError, Variant, find_variants
+from edgellm.bench.variants import BenchError, Variant, find_variants
 from edgellm.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _measure(variant: Variant, spec: dict[str, Any], bar: tqdm) -> dict[str, Any
     bar.set_postfix_str(variant.label)
     with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.worker"],
+            [sys.executable, "-m", "edgellm.bench.worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -275,7 +275,7 @@ def bench_quant(
         system=_system_info(),
         variants=results,
     )
-    from bench.report import quant_chart, quant_table
+    from edgellm.bench.report import quant_chart, quant_table
 
     out.mkdir(parents=True, exist_ok=True)
     report.files = {"json": str(out / "results.json"), "table": str(out / "results.md"), "chart": str(out / "chart.png")}

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 from edgellm.fsutil import atomic_path
 
 if TYPE_CHECKING:
-    from bench.engine_speed import EngineComparison
-    from bench.loadtest import ServeReport
-    from bench.quant import QuantReport
+    from edgellm.bench.engine_speed import EngineComparison
+    from edgellm.bench.loadtest import ServeReport
+    from edgellm.bench.quant import QuantReport
 
 
 def _f(value: float | None, fmt: str) -> str:

@@ -118,7 +118,7 @@ def quant_of(path: Path) -> str:
 
 
 def _from_manifest(manifest_path: Path) -> VariantSet:
-    from convert.manifest import load_manifest
+    from edgellm.manifest import load_manifest
 
     manifest = load_manifest(manifest_path)
     manifest.check_files()

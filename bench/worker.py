@@ -85,8 +85,8 @@ def _peak_rss_mib() -> float:
 
 
 def run(spec: WorkerSpec) -> dict[str, Any]:
-    from bench import quality
-    from bench.lowlevel import LlamaRunner, silence_llama_logs
+    from edgellm.bench import quality
+    from edgellm.bench.lowlevel import LlamaRunner, silence_llama_logs
 
     silence_llama_logs()
     rng = np.random.default_rng(spec.seed)

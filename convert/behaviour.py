@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from convert.manifest import load_manifest
-from convert.verify import load_llama
+from edgellm.manifest import load_manifest
+from edgellm.convert.verify import load_llama
 from edgellm.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,9 @@ def behaviour_shares(
 
     ``max_prompts`` takes that many, alternating between the test split and the extra prompts file.
     """
-    from train import data as D
-    from train.config import load_train_config
-    from train.evaluate import check_answer, held_out_prompts
+    from edgellm.train import data as D
+    from edgellm.train.config import load_train_config
+    from edgellm.train.evaluate import check_answer, held_out_prompts
 
     manifest = load_manifest(manifest_path)
     config = load_train_config(run / "config.yaml")

@@ -60,15 +60,15 @@ _KEYS = ("src", "out", "quants", "name", "base_type", "max_kl", "threads", "imat
 
 def _run(args: argparse.Namespace) -> int:
     if args.src == "setup":
-        from convert.llamacpp import setup_converter
+        from edgellm.convert.llamacpp import setup_converter
 
         converter = setup_converter(force=bool(args.force))
         print(f"llama.cpp converter {converter.version}: {converter.root}")
         return 0
 
-    from convert.llamacpp import ConvertError
-    from convert.recipe import convert_model
-    from convert.settings import load_convert_settings
+    from edgellm.convert.llamacpp import ConvertError
+    from edgellm.convert.recipe import convert_model
+    from edgellm.convert.settings import load_convert_settings
     from edgellm.paths import models_dir
 
     overrides = {k: getattr(args, k) for k in _KEYS}
@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     print(f"manifest: {out / 'manifest.json'}")
     if args.check_behaviour is not None:
-        from convert.behaviour import behaviour_shares
+        from edgellm.convert.behaviour import behaviour_shares
 
         shares = behaviour_shares(out, args.check_behaviour, out / "behaviour.json", args.behaviour_prompts)
         for r in shares.values():

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from convert.llamacpp import ConvertError
+from edgellm.convert.llamacpp import ConvertError
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.imatrix import Imatrix, compute_imatrix, read_calibration_text
-from convert.llamacpp import (
+from edgellm.convert.imatrix import Imatrix, compute_imatrix, read_calibration_text
+from edgellm.convert.llamacpp import (
     QUANT_FTYPES,
     Converter,
     ConvertError,
@@ -33,7 +33,7 @@ from convert.llamacpp import (
     read_gguf,
     run_converter,
 )
-from convert.manifest import (
+from edgellm.manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestError,
@@ -43,7 +43,7 @@ from convert.manifest import (
     Verification,
     load_manifest,
 )
-from convert.verify import DEFAULT_PROMPTS, HFReference, hf_reference, verify_gguf
+from edgellm.convert.verify import DEFAULT_PROMPTS, HFReference, hf_reference, verify_gguf
 from edgellm.fsutil import atomic_path, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)

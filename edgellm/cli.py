@@ -51,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_models(sub)
-    from serve.cli import register as register_serve
+    from edgellm.serve.cli import register as register_serve
 
     register_serve(sub)
-    for module in ("train.cli", "convert.cli", "bench.cli"):
+    for module in ("edgellm.train.cli", "edgellm.convert.cli", "edgellm.bench.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -8,18 +8,18 @@ Errors name the key, the file and its line: ``configs/serve.yaml:3: port: Input 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from edgellm.errors import ConfigError
+
+__all__ = ["ConfigError", "load_config", "parse_overrides", "parse_scalar"]
+
 M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key and, for files, the line."""
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
@@ -67,12 +67,26 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     return data, _key_lines(text)
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
     """Parse an override value the way YAML would (``8000`` -> int, ``true`` -> bool, ``[a, b]`` -> list)."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def parse_overrides(items: Sequence[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """``["training.max_steps=10", "merge.enabled=false"]`` -> ``{"training.max_steps": 10, "merge.enabled": False}``.
+
+    The one parser of ``--set KEY=VALUE`` for every stage; values are read as YAML scalars.
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE (for example {flag} port=9000)")
+        out[key.strip()] = parse_scalar(value)
+    return out
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -108,7 +122,7 @@ def env_overrides(prefix: str, environ: Mapping[str, str] | None = None) -> dict
     for name, value in environ.items():
         if name.startswith(head) and len(name) > len(head):
             key = name[len(head) :].lower().replace("__", ".")
-            out[key] = _parse_scalar(value)
+            out[key] = parse_scalar(value)
     return out
 
 

@@ -13,13 +13,13 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from serve.engine.base import Engine
-from serve.errors import exception_handlers
-from serve.http import ServerState
-from serve.routes.generate import chat_completions, completions
-from serve.routes.info import health, list_models
-from serve.routes.rerank import rerank
-from serve.settings import ServeSettings
+from edgellm.serve.engine.base import Engine
+from edgellm.serve.errors import exception_handlers
+from edgellm.serve.http import ServerState
+from edgellm.serve.routes.generate import chat_completions, completions
+from edgellm.serve.routes.info import health, list_models
+from edgellm.serve.routes.rerank import rerank
+from edgellm.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ EngineFactory = Callable[[ServeSettings], Engine]
 
 
 def _default_engine_factory(settings: ServeSettings) -> Engine:
-    from serve.engine.factory import build_engine
+    from edgellm.serve.engine.factory import build_engine
 
     return build_engine(settings)
 
@@ -35,7 +35,7 @@ def _default_engine_factory(settings: ServeSettings) -> Engine:
 def _load_reranker(settings: ServeSettings) -> object | None:
     if settings.reranker is None:
         return None
-    from serve.engine.rerank import CrossEncoderReranker
+    from edgellm.serve.engine.rerank import CrossEncoderReranker
 
     r = settings.reranker
     return CrossEncoderReranker(

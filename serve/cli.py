@@ -26,7 +26,7 @@ def _is_scalar(ann: Any) -> bool:
 
 def _scalar_fields() -> list[tuple[str, str]]:
     """(name, help) for every top-level setting with a scalar value."""
-    from serve.settings import ServeSettings
+    from edgellm.serve.settings import ServeSettings
 
     return [
         (name, info.description or "")
@@ -57,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
-    from edgellm.config import _parse_scalar
-    from serve.settings import ModelSettings, load_serve_settings, models_from_paths
+    from edgellm.config import parse_overrides, parse_scalar
+    from edgellm.serve.settings import ModelSettings, load_serve_settings, models_from_paths
 
     config = args.config
     if config is None and DEFAULT_CONFIG.is_file():
@@ -67,14 +67,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     for name, _ in _scalar_fields():
         value = getattr(args, f"opt_{name}")
         if value is not None:
-            overrides[name] = _parse_scalar(value)
-    for item in args.sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            from edgellm.config import ConfigError
-
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = _parse_scalar(value)
+            overrides[name] = parse_scalar(value)
+    overrides.update(parse_overrides(args.sets))
     if args.model_paths:
         template = ModelSettings.model_validate({"name": "x", "path": "x"})
         overrides["models"] = models_from_paths(args.model_paths, template)
@@ -89,7 +83,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 def _run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serve.app import create_app
+    from edgellm.serve.app import create_app
 
     settings = settings_from_args(args)
     logging.getLogger().setLevel(settings.log_level.upper())

@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.engine.base import (
+from edgellm.serve.engine.base import (
     ContextOverflowError,
     EngineError,
     EngineOverloadedError,
@@ -70,7 +70,7 @@ def to_api_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, EngineError):
         return _engine_error_to_api(exc)
-    from serve.engine.rerank import RerankError, RerankInputError
+    from edgellm.serve.engine.rerank import RerankError, RerankInputError
 
     if isinstance(exc, RerankInputError):
         return APIError(400, str(exc), INVALID_REQUEST)

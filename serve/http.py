@@ -8,9 +8,9 @@ from typing import Any
 
 from starlette.requests import Request
 
-from serve.engine.base import Engine
-from serve.errors import AUTHENTICATION, NOT_SUPPORTED, UNAVAILABLE, APIError
-from serve.settings import ServeSettings
+from edgellm.serve.engine.base import Engine
+from edgellm.serve.errors import AUTHENTICATION, NOT_SUPPORTED, UNAVAILABLE, APIError
+from edgellm.serve.settings import ServeSettings
 
 
 @dataclass

@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve.engine.base import ChatMessage, GenerationRequest, SamplingParams
-from serve.errors import APIError
+from edgellm.serve.engine.base import ChatMessage, GenerationRequest, SamplingParams
+from edgellm.serve.errors import APIError
 
 Role = Literal["system", "developer", "user", "assistant"]
 T = TypeVar("T", bound=BaseModel)

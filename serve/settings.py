@@ -94,7 +94,7 @@ def models_from_paths(paths: list[Path], template: ModelSettings | None = None) 
     for p in paths:
         p = Path(p)
         if p.name.endswith(".json") or p.is_dir():
-            from convert.manifest import load_manifest
+            from edgellm.manifest import load_manifest
 
             manifest = load_manifest(p)
             manifest.check_files()

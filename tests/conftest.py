@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.launch import free_port
+from edgellm.launch import free_port
 
 __all__ = ["free_port"]
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from serve import launch
+from edgellm import launch
 
 REPO = Path(__file__).resolve().parents[1]
 

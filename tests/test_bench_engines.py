@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.engine_speed import compare_engines, engines_table
-from bench.variants import BenchError
+from edgellm.bench.engine_speed import compare_engines, engines_table
+from edgellm.bench.variants import BenchError
 
 
 def test_a_tiny_comparison_writes_its_table_json_and_chart(default_gguf: Path, tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ import pytest
 pytest.importorskip("llama_cpp")
 pytest.importorskip("torch")
 
-from convert.llamacpp import ConvertError, DiskFullError, UnsupportedArchitectureError, ensure_converter  # noqa: E402
-from convert.manifest import ManifestError, load_manifest  # noqa: E402
-from convert.recipe import convert_model  # noqa: E402
-from convert.verify import DEFAULT_PROMPTS, RoundTripError, hf_reference, verify_gguf  # noqa: E402
+from edgellm.convert.llamacpp import ConvertError, DiskFullError, UnsupportedArchitectureError, ensure_converter  # noqa: E402
+from edgellm.manifest import ManifestError, load_manifest  # noqa: E402
+from edgellm.convert.recipe import convert_model  # noqa: E402
+from edgellm.convert.verify import DEFAULT_PROMPTS, RoundTripError, hf_reference, verify_gguf  # noqa: E402
 from edgellm.fsutil import sha256_file  # noqa: E402
 from edgellm.paths import models_dir  # noqa: E402
 
@@ -140,7 +140,7 @@ def test_round_trip_check_fails_on_a_corrupted_tensor(tiny_converted, tiny_llama
 def test_rerun_skips_matching_outputs_and_redoes_changed_ones(tiny_converted, tiny_llama, monkeypatch):
     out = tiny_converted.root
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.gguf")}
-    import convert.recipe as recipe
+    import edgellm.convert.recipe as recipe
 
     def no_quantize(*args, **kwargs):
         raise AssertionError("nothing should be quantized again")
@@ -161,7 +161,7 @@ def test_rerun_skips_matching_outputs_and_redoes_changed_ones(tiny_converted, ti
 
 def test_interrupted_quantization_leaves_no_file_under_a_final_name(tiny_converted, tiny_llama, monkeypatch):
     out = tiny_converted.root
-    import convert.recipe as recipe
+    import edgellm.convert.recipe as recipe
 
     def interrupted(src: Path, dst: Path, quant: str, n_params: int, **kwargs):
         dst.write_bytes(b"GGUF" + b"\0" * 1000)  # half a file
@@ -219,7 +219,7 @@ def test_clear_errors(tmp_path, tiny_llama, converter, monkeypatch):
     with pytest.raises(ConvertError, match="unknown quant"):
         convert_model(model, tmp_path / "out", quants=["q3_k_xl"])
 
-    import convert.llamacpp as llamacpp
+    import edgellm.convert.llamacpp as llamacpp
 
     monkeypatch.setattr(
         llamacpp.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6)
@@ -273,14 +273,14 @@ def test_base_model_converts_with_reported_k_quant_fallbacks(tmp_path, converter
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("convert*.yaml")), ids=str)
 def test_shipped_convert_configs_load(path):
-    from convert.settings import load_convert_settings
+    from edgellm.convert.settings import load_convert_settings
 
     settings = load_convert_settings(path)
     assert settings.src is not None and settings.quants
 
 
 def test_convert_config_errors_name_key_and_line(tmp_path):
-    from convert.settings import load_convert_settings
+    from edgellm.convert.settings import load_convert_settings
     from edgellm.config import ConfigError
 
     bad = tmp_path / "convert.yaml"
@@ -293,7 +293,7 @@ def test_convert_config_errors_name_key_and_line(tmp_path):
 def test_behaviour_shares_run_the_train_check_on_every_variant(tiny_converted, tiny_llama, tmp_path):
     import yaml
 
-    from convert.behaviour import behaviour_shares
+    from edgellm.convert.behaviour import behaviour_shares
 
     run = tmp_path / "run"
     (run / "data").mkdir(parents=True)

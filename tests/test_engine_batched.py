@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve.engine.base import (
+from edgellm.serve.engine.base import (
     ChatMessage,
     ContextOverflowError,
     EngineOverloadedError,
@@ -21,9 +21,9 @@ from serve.engine.base import (
     SamplingParams,
     TextDelta,
 )
-from serve.engine.batched import BatchedEngine
-from serve.engine.detok import Detokenizer, StopMatcher
-from serve.engine.specs import ModelSpec
+from edgellm.serve.engine.batched import BatchedEngine
+from edgellm.serve.engine.detok import Detokenizer, StopMatcher
+from edgellm.serve.engine.specs import ModelSpec
 from tests.servers import running_server
 
 MODEL = "smollm2-135m-instruct"

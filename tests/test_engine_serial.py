@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from serve.engine.base import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
-from serve.engine.serial import SerialEngine
-from serve.engine.specs import ModelSpec
+from edgellm.serve.engine.base import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
+from edgellm.serve.engine.serial import SerialEngine
+from edgellm.serve.engine.specs import ModelSpec
 
 
 def test_models_of_one_engine_decode_on_one_thread(default_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:

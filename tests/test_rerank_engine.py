@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from edgellm.config import ConfigError, load_config
-from serve.engine.rerank import (
+from edgellm.serve.engine.rerank import (
     CrossEncoderReranker,
     RerankError,
     RerankInputError,
     RerankModelError,
 )
-from train.reranker import (
+from edgellm.train.reranker import (
     DEFAULT_CONFIG,
     RerankerTrainConfig,
     _rank_of,
@@ -63,7 +63,7 @@ def reranker(reranker_dir: Path):
 
 def test_import_does_not_import_torch() -> None:
     code = (
-        "import sys, serve.engine.rerank; "
+        "import sys, edgellm.serve.engine.rerank; "
         "heavy = [m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from serve.app import create_app
-from serve.engine.base import (
+from edgellm.serve.app import create_app
+from edgellm.serve.engine.base import (
     ContextOverflowError,
     Finished,
     GenerationRequest,
@@ -21,8 +21,8 @@ from serve.engine.base import (
     Timings,
     UnknownModelError,
 )
-from serve.engine.stream import EventStream
-from serve.settings import ServeSettings
+from edgellm.serve.engine.stream import EventStream
+from edgellm.serve.settings import ServeSettings
 
 
 class FakeEngine:
@@ -259,7 +259,7 @@ def test_serving_a_gguf_config_does_not_need_torch() -> None:
     import sys
 
     code = (
-        "import sys; import serve.app, serve.engine.factory, serve.engine.serial, serve.routes.rerank; "
+        "import sys; import edgellm.serve.app, edgellm.serve.engine.factory, edgellm.serve.engine.serial, edgellm.serve.routes.rerank; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -22,7 +22,7 @@ ENGINES = ["serial", "batched"]
 def server(request: pytest.FixtureRequest, default_gguf) -> Iterator[str]:
     engine = request.param
     if engine == "batched":
-        pytest.importorskip("serve.engine.batched")
+        pytest.importorskip("edgellm.serve.engine.batched")
     with running_server("--engine", engine, "--set", "models.0.n_ctx=1024", "--no-reranker") as url:
         yield url
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.config import ConfigError
-from serve.settings import load_serve_settings
+from edgellm.serve.settings import load_serve_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_duplicate_model_names_rejected(tmp_path: Path) -> None:
 
 def test_cli_flags_are_generated_from_settings(tmp_path: Path) -> None:
     from edgellm.cli import build_parser
-    from serve.cli import settings_from_args
+    from edgellm.serve.cli import settings_from_args
 
     p = write(tmp_path, "models:\n  - {name: a, path: a.gguf}\n")
     args = build_parser().parse_args(
@@ -89,7 +89,7 @@ def test_cli_flags_are_generated_from_settings(tmp_path: Path) -> None:
 
 def test_model_flag_replaces_configured_models(tmp_path: Path) -> None:
     from edgellm.cli import build_parser
-    from serve.cli import settings_from_args
+    from edgellm.serve.cli import settings_from_args
 
     p = write(tmp_path, "models:\n  - {name: a, path: a.gguf}\n")
     args = build_parser().parse_args(["serve", "--config", str(p), "--model", "x/one.gguf", "--model", "two.gguf"])

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from serve.engine.base import Finished, TextDelta, Timings
-from serve.engine.stream import EventStream
-from serve.routes.openai_format import ChatFormat, CompletionFormat, dumps
+from edgellm.serve.engine.base import Finished, TextDelta, Timings
+from edgellm.serve.engine.stream import EventStream
+from edgellm.serve.routes.openai_format import ChatFormat, CompletionFormat, dumps
 
 TEXTS = ["", "a", ' "quoted" ', "back\\slash", "line\nbreak\ttab\r", "\x00\x1f\x7f", "猫と🐈‍⬛", "\u2028\u2029", "\ue000"]
 

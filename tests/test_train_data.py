@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from edgellm.config import ConfigError
-from train import data as D
-from train.config import TrainConfig, load_train_config
+from edgellm.train import data as D
+from edgellm.train.config import TrainConfig, load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tokenizer():
     from edgellm.catalog import pull
-    from train.modeling import load_tokenizer
+    from edgellm.train.modeling import load_tokenizer
 
     return load_tokenizer(str(pull("base")))
 

@@ -94,7 +94,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def test_qlora_steps_lower_the_loss_and_write_the_run(tmp_path: Path, tiny_llama: Path) -> None:
-    from train.qlora import train
+    from edgellm.train.qlora import train
 
     [run] = train(_recipe(tmp_path, tiny_llama, _data(tmp_path, 20)))
     assert run == tmp_path / "runs" / "t"
@@ -127,8 +127,8 @@ def test_an_evaluation_does_not_break_4bit_training(tiny_llama: Path) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from train.config import QuantSettings
-    from train.modeling import load_base
+    from edgellm.train.config import QuantSettings
+    from edgellm.train.modeling import load_base
 
     ids = torch.tensor([[1, 504, 3458, 28, 940, 314, 253, 1978, 2]] * 2)
 
@@ -155,10 +155,10 @@ def test_merge_is_16_bit_unquantized_and_matches_the_adapter(tmp_path: Path, tin
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train.config import QuantSettings
-    from train.merge import merge_run
-    from train.modeling import load_live_adapter
-    from train.qlora import train
+    from edgellm.train.config import QuantSettings
+    from edgellm.train.merge import merge_run
+    from edgellm.train.modeling import load_live_adapter
+    from edgellm.train.qlora import train
 
     [run] = train(_recipe(tmp_path, tiny_llama, _data(tmp_path, 20)))
     ids = torch.tensor([[1, 504, 3458, 28, 940, 314, 253, 1978, 2]])
@@ -187,8 +187,8 @@ def test_merge_is_16_bit_unquantized_and_matches_the_adapter(tmp_path: Path, tin
 
 
 def test_merge_refuses_a_model_identical_to_its_base(tmp_path: Path, tiny_llama: Path) -> None:
-    from train.merge import merge_run
-    from train.qlora import train
+    from edgellm.train.merge import merge_run
+    from edgellm.train.qlora import train
 
     [run] = train(_recipe(tmp_path, tiny_llama, _data(tmp_path, 10), lr=1e-12, max_steps=1, save_every=1))
     with pytest.raises(EdgeLLMError, match="identical to its base"):
@@ -204,12 +204,12 @@ def test_a_killed_run_resumes_from_its_checkpoint(
     import torch
     from safetensors.torch import load_file
 
-    from train.qlora import train
+    from edgellm.train.qlora import train
 
     data = _data(tmp_path, 40)
     recipe = _recipe(tmp_path, tiny_llama, data, max_steps=16, save_every=3, eval_every=8, batch_size=2)
     ckpts = tmp_path / "runs" / "t" / "checkpoints"
-    code = f"from train.qlora import train; train({str(recipe)!r})"
+    code = f"from edgellm.train.qlora import train; train({str(recipe)!r})"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -227,7 +227,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(
     killed_at = int(done[-1].split("-")[1])
     assert 3 <= killed_at < 16
 
-    with caplog.at_level(logging.INFO, logger="train.qlora"):
+    with caplog.at_level(logging.INFO, logger="edgellm.train.qlora"):
         [run] = train(recipe)
     records = [r.getMessage() for r in caplog.records]
     assert any(f"(step {killed_at})" in m and "resuming from" in m for m in records), records
@@ -246,7 +246,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(
 
 def test_real_base_few_qlora_steps_lower_the_loss(tmp_path: Path, base_dir: Path) -> None:
     """Once on the real SmolLM2-135M base (4-bit NF4, double quantization): three steps lower validation loss."""
-    from train.qlora import train
+    from edgellm.train.qlora import train
 
     recipe = _recipe(
         tmp_path, base_dir, _data(tmp_path, 10), lr=2e-3, max_steps=3, eval_every=3, save_every=3

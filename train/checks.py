@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import EdgeLLMError
-from train import data as D
-from train.config import DataSettings, load_train_config, resolve_path
-from train.modeling import load_tokenizer, resolve_base_model
+from edgellm.train import data as D
+from edgellm.train.config import DataSettings, load_train_config, resolve_path
+from edgellm.train.modeling import load_tokenizer, resolve_base_model
 
 log = logging.getLogger(__name__)
 

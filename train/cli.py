@@ -12,27 +12,13 @@ from typing import Any
 
 import yaml
 
-from edgellm.config import ConfigError
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["training.max_steps=10", "merge.enabled=false"]`` -> ``{"training.max_steps": 10, "merge.enabled": False}``."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value (for example training.max_steps=20)")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key.strip()] = value
-    return out
+from edgellm.config import ConfigError, parse_overrides
 
 
 def _train(args: argparse.Namespace) -> int:
     if args.config is None:
         raise ConfigError("edgellm train: --config is required (for example configs/train/demo.yaml)")
-    from train.qlora import train
+    from edgellm.train.qlora import train
 
     for folder in train(Path(args.config), parse_overrides(args.set)):
         print(f"run: {folder}")
@@ -40,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    from train.checks import check_data
+    from edgellm.train.checks import check_data
 
     source = args.data_config or args.source
     if source is None:
@@ -56,7 +42,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from train.merge import merge_run
+    from edgellm.train.merge import merge_run
 
     for report in merge_run(Path(args.run), base=args.base, dtype=args.dtype):
         print(json.dumps(report, indent=2))
@@ -64,7 +50,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from train.evaluate import evaluate_run
+    from edgellm.train.evaluate import evaluate_run
 
     for result in evaluate_run(Path(args.run), tuple(args.models)):
         for label, summary in result["models"].items():
@@ -74,7 +60,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _reranker(args: argparse.Namespace) -> int:
-    from train.reranker import train_reranker
+    from edgellm.train.reranker import train_reranker
 
     train_reranker(Path(args.rerank_config), parse_overrides(args.set))
     return 0

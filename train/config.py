@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgellm.config import load_config
+from edgellm.paths import resolve_input
 
 ENV_PREFIX = "EDGELLM_TRAIN"
 
@@ -120,7 +121,8 @@ class TrainConfig(_Strict):
         return v
 
     def run_dir(self) -> Path:
-        return _resolve(self.output_dir) / self.name
+        out = Path(self.output_dir)
+        return (out if out.is_absolute() else Path.cwd() / out) / self.name
 
     def adapter_dirs(self) -> dict[str, Path]:
         """Where each dataset's adapter run lives: the run folder itself, or one subfolder per dataset."""
@@ -129,13 +131,9 @@ class TrainConfig(_Strict):
         return {d.name: self.run_dir() / d.name for d in self.datasets}
 
 
-def _resolve(path: Path) -> Path:
-    """Relative paths in recipes are relative to the current directory (the repository root under make)."""
-    return path if path.is_absolute() else Path.cwd() / path
-
-
 def resolve_path(path: Path) -> Path:
-    return _resolve(Path(path))
+    """Relative paths in recipes are relative to the current directory, falling back to the shipped demo data."""
+    return resolve_input(path)
 
 
 def load_train_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:

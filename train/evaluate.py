@@ -16,10 +16,10 @@ from typing import Any
 
 from edgellm.errors import EdgeLLMError
 from edgellm.fsutil import atomic_write_text
-from train import data as D
-from train.config import EvalSettings, load_train_config, resolve_path
-from train.merge import adapter_folders
-from train.modeling import load_tokenizer, mean_loss, pick_device, resolve_base_model
+from edgellm.train import data as D
+from edgellm.train.config import EvalSettings, load_train_config, resolve_path
+from edgellm.train.merge import adapter_folders
+from edgellm.train.modeling import load_tokenizer, mean_loss, pick_device, resolve_base_model
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from edgellm.errors import EdgeLLMError
 from edgellm.fsutil import atomic_path, atomic_write_text
-from train import data as D
-from train.config import TrainConfig, load_train_config
-from train.modeling import (
+from edgellm.train import data as D
+from edgellm.train.config import TrainConfig, load_train_config
+from edgellm.train.modeling import (
     batches,
     collate,
     load_base,

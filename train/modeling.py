@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgellm.errors import EdgeLLMError
-from train.config import QuantSettings, resolve_path
+from edgellm.train.config import QuantSettings, resolve_path
 
 if TYPE_CHECKING:
     import torch

@@ -25,9 +25,9 @@ from tqdm import tqdm
 from edgellm.config import dump_config
 from edgellm.errors import EdgeLLMError
 from edgellm.fsutil import atomic_path, atomic_write_text
-from train import data as D
-from train.config import DatasetSpec, TrainConfig, load_train_config, resolve_path
-from train.modeling import (
+from edgellm.train import data as D
+from edgellm.train.config import DatasetSpec, TrainConfig, load_train_config, resolve_path
+from edgellm.train.modeling import (
     collate,
     load_base,
     load_tokenizer,
@@ -52,7 +52,7 @@ def finetune(config: TrainConfig) -> list[Path]:
     for spec, folder in zip(config.datasets, config.adapter_dirs().values(), strict=True):
         train_adapter(config, spec, folder, base_path, device)
         if config.merge.enabled:
-            from train.merge import merge_adapter
+            from edgellm.train.merge import merge_adapter
 
             merge_adapter(folder)
         folders.append(folder)

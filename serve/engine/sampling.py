@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from serve.engine.base import SamplingParams
+from edgellm.serve.engine.base import SamplingParams
 
 
 class SamplerChain:

@@ -15,16 +15,16 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
-from serve.engine.base import (
+from edgellm.serve.engine.base import (
     EngineOverloadedError,
     Finished,
     FinishReason,
     TextDelta,
     Timings,
 )
-from serve.engine.pool import Job, ModelPool
-from serve.engine.prompt import ChatTemplate
-from serve.engine.specs import ModelSpec, default_threads
+from edgellm.serve.engine.pool import Job, ModelPool
+from edgellm.serve.engine.prompt import ChatTemplate
+from edgellm.serve.engine.specs import ModelSpec, default_threads
 
 log = logging.getLogger(__name__)
 

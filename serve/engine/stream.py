@@ -14,7 +14,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-from serve.engine.base import Event, Finished, TextDelta
+from edgellm.serve.engine.base import Event, Finished, TextDelta
 
 
 class EventStream:

@@ -10,11 +10,11 @@ from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.engine.base import Engine, Finished, Generation, TextDelta
-from serve.errors import NOT_FOUND, APIError, error_body, to_api_error
-from serve.http import check_auth, read_json, ready_engine, server_state
-from serve.routes.openai_format import ChatFormat, CompletionFormat, dumps
-from serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from edgellm.serve.engine.base import Engine, Finished, Generation, TextDelta
+from edgellm.serve.errors import NOT_FOUND, APIError, error_body, to_api_error
+from edgellm.serve.http import check_auth, read_json, ready_engine, server_state
+from edgellm.serve.routes.openai_format import ChatFormat, CompletionFormat, dumps
+from edgellm.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 
 log = logging.getLogger(__name__)
 

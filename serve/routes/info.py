@@ -5,8 +5,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.errors import UNAVAILABLE, error_response
-from serve.http import check_auth, ready_engine, server_state
+from edgellm.serve.errors import UNAVAILABLE, error_response
+from edgellm.serve.http import check_auth, ready_engine, server_state
 
 
 async def health(request: Request) -> Response:

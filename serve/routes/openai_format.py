@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring  # type: ignore[attr-defined]  # json's C string encoder
 from typing import Any
 
-from serve.engine.base import Finished
+from edgellm.serve.engine.base import Finished
 
 _MARK = "\ue000edgellm-text\ue000"  # a private-use sentinel no tokenizer produces inside a chunk template
 

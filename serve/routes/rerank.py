@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.errors import NOT_FOUND, NOT_SUPPORTED, UNAVAILABLE, APIError
-from serve.http import check_auth, read_json, server_state
-from serve.schemas import parse_body
+from edgellm.serve.errors import NOT_FOUND, NOT_SUPPORTED, UNAVAILABLE, APIError
+from edgellm.serve.http import check_auth, read_json, server_state
+from edgellm.serve.schemas import parse_body
 
 NO_RERANKER = (
     "no reranker is configured on this server; add a `reranker: {path: <cross-encoder dir>}` section to "
