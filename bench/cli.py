@@ -127,7 +127,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _engines(args: argparse.Namespace) -> int:
-    from edgellm.bench.engine_speed import compare_engines, engines_table
+    from edgellm.bench.engine_speed import compare_engines
+    from edgellm.bench.report import engines_table
 
     result = compare_engines(
         model=args.model,

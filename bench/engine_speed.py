@@ -1,7 +1,6 @@
 """Engine speed in one run: raw llama.cpp decode vs the serial and batched engines, printed as a Markdown table.
 
     edgellm bench engines [--llama-server PATH] [--cold] [--out reports/engines]
-    (or python -m bench.engine_speed with the same options)
 
 1. Raw: plain batch-1 ``llama_decode`` in a loop (llama-bench's tg128: one token per call, no sampling), and the
    prompt-processing time of the benchmark's own chat prompt in one ``llama_decode`` (TTFT's floor), plus pp512.
@@ -23,26 +22,49 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
+import functools
 import logging
+import multiprocessing
 import os
 import statistics
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import get_args
 
-from edgellm.bench.variants import BenchError
+import httpx
+
+from edgellm.bench.client import StreamResult, chat_body, stream_chat
+from edgellm.bench.errors import BenchError
+from edgellm.bench.lowlevel import LlamaRunner, silence_llama_logs
+from edgellm.bench.report import engines_chart, engines_table
+from edgellm.bench.results import EngineComparison, Level
+from edgellm.bench.stats import percentile
 from edgellm.fsutil import atomic_write_text
 from edgellm.launch import free_port, running_process, running_server
+from edgellm.serve.engine import (
+    ChatMessage,
+    ChatTemplate,
+    Engine,
+    EngineKind,
+    Finished,
+    GenerationRequest,
+    ModelSpec,
+    SamplingParams,
+    TextDelta,
+    build_engine,
+)
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "bench-model"
+ENGINES = get_args(EngineKind)  # ("serial", "batched")
 TOPICS = ["a dragon", "the sea", "a robot", "a lighthouse", "a market town", "a comet", "a violin", "a glacier"]
+
+# Streams request ``i`` and returns how it went; one per engine.
+StreamOne = Callable[[int], Awaitable[StreamResult]]
 
 
 def prompt(i: int) -> str:
@@ -59,8 +81,6 @@ def messages(i: int, cold: bool) -> list[dict[str, str]]:
 
 # -- raw llama.cpp --------------------------------------------------------------------------------------------------
 def raw_speed(model_path: Path, threads: int, n_gen: int, chat_tokens: list[int], reps: int = 3) -> dict[str, float]:
-    from edgellm.bench.lowlevel import LlamaRunner, silence_llama_logs
-
     silence_llama_logs()
     out: dict[str, list[float]] = {"tg": [], "pp512": [], "pp_chat_ms": []}
     with LlamaRunner(model_path, n_ctx=1024, n_batch=512, n_threads=threads) as r:
@@ -86,102 +106,62 @@ def raw_speed(model_path: Path, threads: int, n_gen: int, chat_tokens: list[int]
 def raw_speed_apart(model_path: Path, threads: int, n_gen: int, chat_tokens: list[int]) -> dict[str, float]:
     """``raw_speed`` in a fresh process: llama.cpp's OpenMP threads belong to the thread that first decoded, and a
     second decoding thread in the same process (``--mode engine``'s scheduler) would compete with them."""
-    import multiprocessing
-
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(raw_speed, (model_path, threads, n_gen, chat_tokens))
 
 
 # -- one streamed request -----------------------------------------------------------------------------------------
-@dataclass
-class Result:
-    ttft: float
-    tokens: int
-    first: float
-    end: float
-    start: float
+async def stream_http(
+    client: httpx.AsyncClient, url: str, model: str, n_tokens: int, cold: bool, i: int
+) -> StreamResult:
+    """Request ``i`` to the server at ``url``; a failed request stops the benchmark."""
+    body = chat_body(model, messages(i, cold), max_tokens=n_tokens, temperature=0.8, seed=i)
+    res = await stream_chat(client, url, body)
+    if not res.ok:
+        raise BenchError(f"{url}: request {i} failed ({res.error}): {res.detail}")
+    return res
 
 
-async def stream_http(client: Any, url: str, model: str, i: int, n_tokens: int, cold: bool = False) -> Result:
-    body = {
-        "model": model,
-        "messages": messages(i, cold),
-        "max_tokens": n_tokens,
-        "temperature": 0.8,
-        "seed": i,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    first = 0.0
-    tokens = 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for c in chunk.get("choices", []):
-                if c["delta"].get("content") and not first:
-                    first = time.perf_counter()
-    end = time.perf_counter()
-    return Result(ttft=first - start, tokens=tokens, first=first, end=end, start=start)
-
-
-async def stream_engine(engine: Any, i: int, n_tokens: int, cold: bool = False) -> Result:
-    from edgellm.serve.engine.base import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
-
+async def stream_engine(engine: Engine, n_tokens: int, cold: bool, i: int) -> StreamResult:
+    """Request ``i`` to ``engine`` in this process, timed as ``stream_http`` times a server."""
     req = GenerationRequest(
         model=MODEL_NAME,
         messages=tuple(ChatMessage(m["role"], m["content"]) for m in messages(i, cold)),
         params=SamplingParams(max_tokens=n_tokens, temperature=0.8, seed=i),
     )
-    start = time.perf_counter()
-    first = 0.0
-    tokens = 0
+    res = StreamResult(start=time.perf_counter())
     gen = await engine.submit(req)
     async for ev in gen:
-        if isinstance(ev, TextDelta) and ev.text and not first:
-            first = time.perf_counter()
+        if isinstance(ev, TextDelta) and ev.text:
+            res.chunk_times.append(time.perf_counter())
         elif isinstance(ev, Finished):
-            tokens = ev.completion_tokens
+            res.usage_tokens = ev.completion_tokens
     await gen.aclose()
-    end = time.perf_counter()
-    return Result(ttft=first - start, tokens=tokens, first=first, end=end, start=start)
+    res.end = time.perf_counter()
+    return res
 
 
-@dataclass
-class Level:
-    streams: int
-    aggregate: float
-    per_stream: float
-    ttft_p50: float
-    ttft_p95: float
-    tokens: int
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
-def summarize(n: int, results: list[Result], walls: list[float]) -> Level:
-    total = sum(g.tokens for g in results)
-    per = [(g.tokens - 1) / (g.end - g.first) for g in results if g.tokens > 1 and g.end > g.first]
-    ttfts = [g.ttft * 1000 for g in results]
+def summarize(n: int, results: list[StreamResult], walls: list[float]) -> Level:
+    total = sum(g.completion_tokens for g in results)
+    per = [
+        (g.completion_tokens - 1) / (g.end - g.chunk_times[0])
+        for g in results
+        if g.completion_tokens > 1 and g.chunk_times and g.end > g.chunk_times[0]
+    ]
+    ttfts = [1000 * g.ttft for g in results if g.ttft is not None]
+    if not ttfts:
+        raise BenchError(f"{n} stream(s): no request produced any text")
     return Level(
         streams=n,
         aggregate=total / sum(walls),
         per_stream=statistics.mean(per),
-        ttft_p50=pct(ttfts, 0.5),
-        ttft_p95=pct(ttfts, 0.95),
+        ttft_p50=percentile(ttfts, 50),
+        ttft_p95=percentile(ttfts, 95),
         tokens=total,
     )
 
 
-async def run_rounds(ones: dict[str, Any], levels: list[int], rounds: int) -> dict[str, list[Level]]:
+async def run_rounds(ones: dict[str, StreamOne], levels: list[int], rounds: int) -> dict[str, list[Level]]:
     """Each level's rounds, the engines taking turns round by round (in rotating order), so a machine that gets
     busier or quieter during the run weighs on every engine alike. ``ones[engine](i)`` streams request ``i``."""
     for one in ones.values():
@@ -189,7 +169,7 @@ async def run_rounds(ones: dict[str, Any], levels: list[int], rounds: int) -> di
     names = list(ones)
     out: dict[str, list[Level]] = {e: [] for e in names}
     for n in levels:
-        results: dict[str, list[Result]] = {e: [] for e in names}
+        results: dict[str, list[StreamResult]] = {e: [] for e in names}
         walls: dict[str, list[float]] = {e: [] for e in names}
         for r in range(rounds if n > 1 else rounds * 2):
             for e in names[r % len(names) :] + names[: r % len(names)]:
@@ -217,6 +197,11 @@ class Setup:
     n_ctx: int = 1024  # per slot
 
 
+def server_env() -> dict[str, str]:
+    """The servers' environment: ours, offline unless it says otherwise (a benchmark reaches no hub)."""
+    return {"HF_HUB_OFFLINE": "1", **os.environ}
+
+
 @contextmanager
 def edgellm_server(engine: str, setup: Setup) -> Iterator[str]:
     args = [
@@ -224,7 +209,7 @@ def edgellm_server(engine: str, setup: Setup) -> Iterator[str]:
         "--set", f"models.0.n_ctx={setup.n_ctx}", "--set", f"slots={setup.slots}", "--log-level", "warning",
         "--no-reranker",
     ]  # fmt: skip
-    with running_server(*args) as url:
+    with running_server(*args, env=server_env()) as url:
         yield url
 
 
@@ -237,64 +222,56 @@ def llama_server(binary: Path, setup: Setup) -> Iterator[str]:
         "-t", str(setup.threads), "-tb", str(setup.threads), "-np", str(setup.slots),
         "-c", str(setup.n_ctx * setup.slots), "--no-webui",
     ]  # fmt: skip
-    with running_process(cmd, port) as url:
+    with running_process(cmd, port, env=server_env()) as url:
         yield url
+
+
+async def drive_servers(urls: dict[str, str], names: dict[str, str], setup: Setup) -> dict[str, list[Level]]:
+    """One client for every server; ``names[e]`` is the model id server ``e`` serves."""
+    # a new connection per request: llama-server (cpp-httplib) closes a kept-alive connection after 5
+    # requests, which a reused connection sees as a disconnect; a loopback connect costs well under a ms
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=300, trust_env=False, limits=limits) as client:
+        ones: dict[str, StreamOne] = {
+            e: functools.partial(stream_http, client, urls[e], names[e], setup.n_tokens, setup.cold) for e in urls
+        }
+        return await run_rounds(ones, setup.levels, setup.rounds)
 
 
 def bench_http(engines: list[str], binary: Path | None, setup: Setup) -> dict[str, list[Level]]:
     """All servers up at once (idle ones cost nothing), driven by one client, engines taking turns per round."""
-    import httpx
-
     with ExitStack() as stack:
         urls = {e: stack.enter_context(edgellm_server(e, setup)) for e in engines}
         if binary is not None:
             urls["llama-server"] = stack.enter_context(llama_server(binary, setup))
         names = {e: httpx.get(f"{u}/v1/models", timeout=10).json()["data"][0]["id"] for e, u in urls.items()}
+        return asyncio.run(drive_servers(urls, names, setup))
 
-        async def main() -> dict[str, list[Level]]:
-            # a new connection per request: llama-server (cpp-httplib) closes a kept-alive connection after 5
-            # requests, which a reused connection sees as a disconnect; a loopback connect costs well under a ms
-            limits = httpx.Limits(max_keepalive_connections=0)
-            async with httpx.AsyncClient(timeout=300, trust_env=False, limits=limits) as client:
 
-                def one(e: str) -> Any:
-                    return lambda i: stream_http(client, urls[e], names[e], i, setup.n_tokens, setup.cold)
+def load_engine(engine: str, setup: Setup) -> Engine:
+    """One of our engines with the benchmark's model, in this process (blocking: call it off the event loop)."""
+    spec = ModelSpec(name=MODEL_NAME, path=setup.model, n_ctx=setup.n_ctx, n_threads=setup.threads)
+    kind: EngineKind = "batched" if engine == "batched" else "serial"
+    return build_engine(kind, [spec], slots=setup.slots)
 
-                return await run_rounds({e: one(e) for e in urls}, setup.levels, setup.rounds)
 
-        return asyncio.run(main())
+async def drive_engine(engine: str, setup: Setup) -> list[Level]:
+    e = await asyncio.to_thread(load_engine, engine, setup)
+    try:
+        one: StreamOne = functools.partial(stream_engine, e, setup.n_tokens, setup.cold)
+        return (await run_rounds({engine: one}, setup.levels, setup.rounds))[engine]
+    finally:
+        await e.close()
 
 
 def bench_engine(engine: str, setup: Setup) -> list[Level]:
-    from edgellm.serve.engine.specs import ModelSpec
-
-    spec = ModelSpec(name=MODEL_NAME, path=setup.model, n_ctx=setup.n_ctx, n_threads=setup.threads)
-
-    async def main() -> list[Level]:
-        if engine == "batched":
-            from edgellm.serve.engine.batched import BatchedEngine
-
-            e: Any = await asyncio.to_thread(BatchedEngine, [spec], setup.slots)
-        else:
-            from edgellm.serve.engine.serial import SerialEngine
-
-            e = await asyncio.to_thread(SerialEngine, [spec])
-        try:
-            ones = {engine: lambda i: stream_engine(e, i, setup.n_tokens, setup.cold)}
-            return (await run_rounds(ones, setup.levels, setup.rounds))[engine]
-        finally:
-            await e.close()
-
-    return asyncio.run(main())
+    return asyncio.run(drive_engine(engine, setup))
 
 
 def chat_prompt_tokens(model: Path, cold: bool) -> list[int]:
     """The tokens of request 0's chat prompt, rendered as the engines render it."""
     import llama_cpp as ll
     from llama_cpp._internals import LlamaModel
-
-    from edgellm.serve.engine.base import ChatMessage
-    from edgellm.serve.engine.prompt import ChatTemplate
 
     m = LlamaModel(path_model=str(model), params=ll.llama_model_default_params(), verbose=False)
     try:
@@ -305,34 +282,6 @@ def chat_prompt_tokens(model: Path, cold: bool) -> list[int]:
         return list(m.tokenize(text.encode(), add_bos=True, special=True))
     finally:
         m.close()
-
-
-@dataclass
-class EngineComparison:
-    """One run: raw llama.cpp before and after, and each engine's levels; numbers comparable within the run."""
-
-    model: str
-    threads: int
-    n_tokens: int
-    mode: str
-    cold: bool
-    prompt_tokens: int
-    raw_before: dict[str, float]
-    raw_after: dict[str, float]
-    rows: dict[str, list[Level]]
-    created_at: str
-    files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def raw_tg(self) -> float:
-        return (self.raw_before["tg"] + self.raw_after["tg"]) / 2
-
-    @property
-    def raw_prompt_ms(self) -> float:
-        return (self.raw_before["pp_chat_ms"] + self.raw_after["pp_chat_ms"]) / 2
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
 
 
 def compare_engines(
@@ -351,6 +300,8 @@ def compare_engines(
     streams, then raw again. With ``out``: ``engines.json``, ``engines.md`` and ``engines.png`` written there."""
     if mode not in ("http", "engine"):
         raise BenchError(f"mode must be http or engine, not {mode!r}")
+    if not engines or any(e not in ENGINES for e in engines):
+        raise BenchError(f"engines must be some of {', '.join(ENGINES)}, not {','.join(engines) or 'none'}")
     if not model.is_file():
         raise BenchError(f"{model}: no such GGUF file (edgellm models pull default)")
     if llama_server is not None and not (llama_server.is_file() and os.access(llama_server, os.X_OK)):
@@ -360,7 +311,6 @@ def compare_engines(
     if not levels or min(levels) < 1 or rounds < 1 or n_tokens < 1:
         raise BenchError("levels, rounds and tokens must be >= 1")
     setup = Setup(model=model, threads=threads, levels=levels, rounds=rounds, n_tokens=n_tokens, cold=cold)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     chat_tokens = chat_prompt_tokens(model, cold)
     log.info("raw llama.cpp decode speed")
@@ -384,45 +334,14 @@ def compare_engines(
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     if out is not None:
-        from edgellm.bench.report import engines_chart
-
-        out.mkdir(parents=True, exist_ok=True)
-        result.files = {k: str(out / f"engines.{k}") for k in ("json", "md", "png")}
-        atomic_write_text(out / "engines.md", engines_table(result))
-        engines_chart(result, out / "engines.png")
-        atomic_write_text(out / "engines.json", result.to_json())
+        save_comparison(result, out)
     return result
 
 
-def engines_table(r: EngineComparison) -> str:
-    tg, pp_ms = r.raw_tg, r.raw_prompt_ms
-    lines = [
-        f"model {Path(r.model).name}, {r.threads} threads, {r.n_tokens}-token answers, mode {r.mode}, "
-        f"{'cold prompts' if r.cold else 'shared system prompt'}",
-        "",
-        f"raw batch-1 llama_decode: tg{r.n_tokens} {r.raw_before['tg']:.1f} tok/s before, {r.raw_after['tg']:.1f} "
-        f"after (mean {tg:.1f}); pp512 {r.raw_before['pp512']:.0f} tok/s; the chat prompt ({r.prompt_tokens} "
-        f"tokens) in {pp_ms:.1f} ms",
-        "",
-        "| engine | streams | aggregate tok/s | x raw tg | per-stream tok/s | TTFT p50 ms | TTFT p95 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| raw llama_decode | 1 | {tg:.1f} | 1.00 | {tg:.1f} | {pp_ms:.1f} | |",
-    ]
-    for engine, levels in r.rows.items():
-        for x in levels:
-            lines.append(
-                f"| {engine} | {x.streams} | {x.aggregate:.1f} | {x.aggregate / tg:.2f} | {x.per_stream:.1f} "
-                f"| {x.ttft_p50:.1f} | {x.ttft_p95:.1f} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.engine_speed ...`` is ``edgellm bench engines ...``."""
-    from edgellm.cli import main as edgellm_main
-
-    return edgellm_main(["bench", "engines", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def save_comparison(result: EngineComparison, out: Path) -> None:
+    """``engines.md``, ``engines.png`` and ``engines.json`` in ``out``; ``result.files`` says where."""
+    out.mkdir(parents=True, exist_ok=True)
+    result.files = {k: str(out / f"engines.{k}") for k in ("json", "md", "png")}
+    atomic_write_text(out / "engines.md", engines_table(result))
+    engines_chart(result, out / "engines.png")
+    atomic_write_text(out / "engines.json", result.to_json())

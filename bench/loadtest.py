@@ -12,6 +12,8 @@ errors by kind:
 - ``bad_stream``: a chunk that is not JSON, or an ``error`` object inside the stream;
 - ``deadline``: cut off by the run's overall time limit (``max_seconds``); ``not_started``: never sent because of it.
 
+Every request goes through the benchmarks' one streaming client (``bench/client.py``).
+
 Only loopback URLs are accepted (127.0.0.0/8, ::1, localhost): this is a tool for measuring your own server.
 """
 
@@ -20,17 +22,18 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
+import httpx
 
-from edgellm.bench.variants import BenchError
+from edgellm.bench.client import StreamResult, chat_body, stream_chat
+from edgellm.bench.errors import BenchError
+from edgellm.bench.report import serve_chart, serve_table
+from edgellm.bench.results import LevelResult, ServeReport
+from edgellm.bench.stats import percentile
 from edgellm.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -70,172 +73,51 @@ def check_loopback(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{path}"
 
 
-@dataclass
-class RequestResult:
-    ok: bool
-    error: str | None = None
-    detail: str = ""
-    ttft_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)
-    latency_s: float = 0.0
-    completion_tokens: int = 0
-    tokens_from_usage: bool = False
-
-
-@dataclass
-class LevelResult:
-    concurrency: int
-    requests: int
-    ok: int
-    errors: dict[str, int]
-    error_examples: dict[str, str]
-    ttft_p50_s: float | None
-    ttft_p95_s: float | None
-    itl_p50_s: float | None
-    itl_p95_s: float | None
-    latency_p50_s: float | None
-    latency_p95_s: float | None
-    completion_tokens: int
-    tokens_from_usage: int  # requests whose token count came from the usage chunk
-    tokens_per_s: float
-    wall_s: float
-
-
-@dataclass
-class ServeReport:
-    url: str
-    model: str
-    requests: int
-    max_tokens: int
-    timeout_s: float
-    max_seconds: float
-    created_at: str
-    levels: list[LevelResult] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
-    @property
-    def total_errors(self) -> int:
-        return sum(sum(lv.errors.values()) for lv in self.levels)
-
-
 def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
+    return percentile(values, q) if values else None
 
 
-async def _stream_chat(client: Any, base: str, model: str, prompt: str, max_tokens: int) -> RequestResult:
-    """One streaming chat request; errors are returned as a result, never raised (except cancellation)."""
-    import httpx
-
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    res = RequestResult(ok=False)
-    last: float | None = None
-    content_chunks = 0
-    usage_tokens: int | None = None
-    done = False
-    status: int | None = None
+async def _request(
+    client: httpx.AsyncClient, base: str, model: str, i: int, max_tokens: int, timeout: float, deadline: float
+) -> StreamResult:
+    """Request ``i``, cut off after ``timeout`` s or at the run's ``deadline``, whichever comes first."""
+    remaining = deadline - time.perf_counter()
+    if remaining <= 0:
+        return _failed("not_started", "the run's max_seconds had passed")
+    body = chat_body(model, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens, temperature=0.0)
     try:
-        async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
-            status = resp.status_code
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                res.error, res.detail = f"http_{resp.status_code}", text[:200]
-                return res
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                try:
-                    chunk = json.loads(data)
-                except json.JSONDecodeError:
-                    res.error, res.detail = "bad_stream", data[:200]
-                    return res
-                if "error" in chunk:
-                    res.error, res.detail = "bad_stream", json.dumps(chunk["error"])[:200]
-                    return res
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
-                for choice in chunk.get("choices") or []:
-                    if (choice.get("delta") or {}).get("content"):
-                        now = time.perf_counter()
-                        if last is None:
-                            res.ttft_s = now - t0
-                        else:
-                            res.itl_s.append(now - last)
-                        last = now
-                        content_chunks += 1
-    except httpx.ConnectError as e:
-        res.error, res.detail = "connect", str(e)[:200]
-        return res
-    except httpx.TimeoutException as e:
-        res.error, res.detail = "timeout", f"{type(e).__name__}: {e}"[:200]
-        return res
-    except (httpx.RemoteProtocolError, httpx.ReadError) as e:
-        # Before the status line the server hung up (often: it crashed); after it, the stream broke.
-        res.error = "truncated" if status is not None else "disconnected"
-        res.detail = f"{type(e).__name__}: {e}"[:200]
-        return res
-    except httpx.HTTPError as e:
-        res.error, res.detail = type(e).__name__, str(e)[:200]
-        return res
-    res.latency_s = time.perf_counter() - t0
-    if not done:
-        res.error, res.detail = "truncated", f"stream ended without [DONE] after {content_chunks} content chunk(s)"
-        return res
-    res.ok = True
-    res.tokens_from_usage = usage_tokens is not None
-    res.completion_tokens = usage_tokens if usage_tokens is not None else content_chunks
-    return res
+        async with asyncio.timeout(min(timeout, remaining)):
+            return await stream_chat(client, base, body)
+    except TimeoutError:
+        if remaining < timeout:
+            return _failed("deadline", "cut off at the run's max_seconds")
+        return _failed("timeout", f"no complete response in {timeout:g} s")
+
+
+def _failed(error: str, detail: str) -> StreamResult:
+    return StreamResult(start=time.perf_counter(), error=error, detail=detail)
 
 
 async def _run_level(
     base: str, model: str, concurrency: int, n_requests: int, max_tokens: int, timeout: float, deadline: float
 ) -> LevelResult:
-    import httpx
-
-    results: list[RequestResult] = []
-    next_index = 0
+    results: list[StreamResult] = []
+    pending = iter(range(n_requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     # trust_env=False: no proxy from the environment may carry a loopback request elsewhere.
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits, trust_env=False) as client:
 
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < n_requests:
-                i = next_index
-                next_index += 1
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    results.append(RequestResult(ok=False, error="not_started", detail="the run's max_seconds had passed"))
-                    continue
-                prompt = PROMPTS[i % len(PROMPTS)]
-                try:
-                    async with asyncio.timeout(min(timeout, remaining)):
-                        r = await _stream_chat(client, base, model, prompt, max_tokens)
-                except TimeoutError:
-                    if remaining < timeout:
-                        r = RequestResult(ok=False, error="deadline", detail="cut off at the run's max_seconds")
-                    else:
-                        r = RequestResult(ok=False, error="timeout", detail=f"no complete response in {timeout:g} s")
-                results.append(r)
+        async def worker() -> None:  # ``concurrency`` of these share the pending requests
+            for i in pending:
+                results.append(await _request(client, base, model, i, max_tokens, timeout, deadline))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+    return summarize_level(concurrency, results, wall)
 
+
+def summarize_level(concurrency: int, results: list[StreamResult], wall: float) -> LevelResult:
     ok = [r for r in results if r.ok]
     errors: dict[str, int] = {}
     examples: dict[str, str] = {}
@@ -244,9 +126,9 @@ async def _run_level(
             kind = r.error or "unknown"
             errors[kind] = errors.get(kind, 0) + 1
             examples.setdefault(kind, r.detail)
-    itls = [x for r in ok for x in r.itl_s]
-    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
-    lat = [r.latency_s for r in ok]
+    itls = [x for r in ok for x in r.itl]
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    lat = [r.latency for r in ok]
     tokens = sum(r.completion_tokens for r in ok)
     return LevelResult(
         concurrency=concurrency,
@@ -269,8 +151,6 @@ async def _run_level(
 
 async def _discover_model(base: str, timeout: float) -> str | None:
     """The first id of ``GET /v1/models``, or None when the server does not answer it."""
-    import httpx
-
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(min(timeout, 10.0)), trust_env=False) as client:
             resp = await client.get(f"{base}/v1/models")
@@ -304,39 +184,50 @@ def bench_serve(
         raise BenchError(f"concurrency levels must be >= 1, got {concurrency}")
     if requests < 1 or max_tokens < 1 or timeout <= 0 or max_seconds <= 0:
         raise BenchError("requests and max_tokens must be >= 1, timeout and max_seconds > 0")
-
-    async def run() -> ServeReport:
-        deadline = time.perf_counter() + max_seconds
-        chosen = model or await _discover_model(base, timeout) or "default"
-        report = ServeReport(
-            url=base,
-            model=chosen,
-            requests=requests,
-            max_tokens=max_tokens,
-            timeout_s=timeout,
-            max_seconds=max_seconds,
-            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        )
-        for c in concurrency:
-            log.info("concurrency %d: %d request(s) to %s", c, requests, base)
-            level = await _run_level(base, chosen, c, requests, max_tokens, timeout, deadline)
-            if level.errors:
-                log.warning("concurrency %d: errors %s (e.g. %s)", c, level.errors, level.error_examples)
-            report.levels.append(level)
-        return report
-
-    report = asyncio.run(run())
+    report = asyncio.run(run_levels(base, concurrency, requests, max_tokens, timeout, max_seconds, model))
     if out is not None:
-        from edgellm.bench.report import serve_chart, serve_table
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        report.files = {
-            "json": str(out / "serve_results.json"),
-            "table": str(out / "serve_results.md"),
-            "chart": str(out / "serve_chart.png"),
-        }
-        atomic_write_text(out / "serve_results.md", serve_table(report))
-        serve_chart(report, out / "serve_chart.png")
-        atomic_write_text(out / "serve_results.json", report.to_json())
+        save_report(report, Path(out))
     return report
+
+
+async def run_levels(
+    base: str,
+    concurrency: list[int],
+    requests: int,
+    max_tokens: int,
+    timeout: float,
+    max_seconds: float,
+    model: str | None,
+) -> ServeReport:
+    """Every concurrency level in turn, all within ``max_seconds`` of the start."""
+    deadline = time.perf_counter() + max_seconds
+    chosen = model or await _discover_model(base, timeout) or "default"
+    report = ServeReport(
+        url=base,
+        model=chosen,
+        requests=requests,
+        max_tokens=max_tokens,
+        timeout_s=timeout,
+        max_seconds=max_seconds,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    for c in concurrency:
+        log.info("concurrency %d: %d request(s) to %s", c, requests, base)
+        level = await _run_level(base, chosen, c, requests, max_tokens, timeout, deadline)
+        if level.errors:
+            log.warning("concurrency %d: errors %s (e.g. %s)", c, level.errors, level.error_examples)
+        report.levels.append(level)
+    return report
+
+
+def save_report(report: ServeReport, out: Path) -> None:
+    """``serve_results.md``, ``serve_chart.png`` and ``serve_results.json`` in ``out``; ``report.files`` says where."""
+    out.mkdir(parents=True, exist_ok=True)
+    report.files = {
+        "json": str(out / "serve_results.json"),
+        "table": str(out / "serve_results.md"),
+        "chart": str(out / "serve_chart.png"),
+    }
+    atomic_write_text(out / "serve_results.md", serve_table(report))
+    serve_chart(report, out / "serve_chart.png")
+    atomic_write_text(out / "serve_results.json", report.to_json())

@@ -10,7 +10,7 @@ least ``n_ctx/2`` tokens of context. For each scored position we compare the nex
 
 Differences from llama.cpp, on purpose: the reference log-probabilities are kept as float32 (llama.cpp packs
 them into uint16 and skips ``p_ref < e^-16``), so a model against itself gives exactly 0.
-Percentiles interpolate linearly between sorted values, as llama.cpp's do.
+Percentiles interpolate linearly between sorted values, as llama.cpp's do (``bench/stats.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from edgellm.bench.stats import percentile
 
 
 def chunk_tokens(tokens: list[int], n_ctx: int, max_chunks: int | None = None) -> np.ndarray:
@@ -120,7 +122,7 @@ def quality_stats(chunks: list[ChunkScores]) -> QualityStats:
         kld_mean=kld_mean,
         kld_mean_unc=kld_sem,
         kld_median=float(np.median(kld)),
-        kld_p99=float(np.percentile(kld, 99.0)),
+        kld_p99=percentile(kld, 99.0),
         kld_max=float(kld.max()),
         top1_agreement=float(same_top.mean()),
     )

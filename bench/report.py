@@ -1,16 +1,12 @@
-"""Markdown tables and PNG charts for the bench reports (matplotlib, headless)."""
+"""Markdown tables and PNG charts of the bench results (``bench/results.py``); matplotlib, headless."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from edgellm.bench.results import EngineComparison, QuantReport, ServeReport
 from edgellm.fsutil import atomic_path
-
-if TYPE_CHECKING:
-    from edgellm.bench.engine_speed import EngineComparison
-    from edgellm.bench.loadtest import ServeReport
-    from edgellm.bench.quant import QuantReport
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -194,6 +190,29 @@ def serve_chart(report: ServeReport, path: Path) -> None:
     fig.suptitle(f"{report.url} ({report.model})")
     fig.tight_layout()
     _save(fig, path)
+
+
+def engines_table(r: EngineComparison) -> str:
+    tg, pp_ms = r.raw_tg, r.raw_prompt_ms
+    lines = [
+        f"model {Path(r.model).name}, {r.threads} threads, {r.n_tokens}-token answers, mode {r.mode}, "
+        f"{'cold prompts' if r.cold else 'shared system prompt'}",
+        "",
+        f"raw batch-1 llama_decode: tg{r.n_tokens} {r.raw_before['tg']:.1f} tok/s before, {r.raw_after['tg']:.1f} "
+        f"after (mean {tg:.1f}); pp512 {r.raw_before['pp512']:.0f} tok/s; the chat prompt ({r.prompt_tokens} "
+        f"tokens) in {pp_ms:.1f} ms",
+        "",
+        "| engine | streams | aggregate tok/s | x raw tg | per-stream tok/s | TTFT p50 ms | TTFT p95 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| raw llama_decode | 1 | {tg:.1f} | 1.00 | {tg:.1f} | {pp_ms:.1f} | |",
+    ]
+    for engine, levels in r.rows.items():
+        for x in levels:
+            lines.append(
+                f"| {engine} | {x.streams} | {x.aggregate:.1f} | {x.aggregate / tg:.2f} | {x.per_stream:.1f} "
+                f"| {x.ttft_p50:.1f} | {x.ttft_p95:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def engines_chart(result: EngineComparison, path: Path) -> None:

@@ -9,22 +9,15 @@ Sources, in order: a ``manifest.json`` written by `edgellm convert` (its ``refer
 from __future__ import annotations
 
 import logging
-import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
 
-from edgellm.errors import EdgeLLMError
+from edgellm.bench.errors import BenchError
+from edgellm.gguf import GGUFError, read_header
+from edgellm.manifest import ManifestFile, load_manifest
+from edgellm.quants import FLOAT_TYPES, ftype_name, quant_in_name
 
 log = logging.getLogger(__name__)
-
-FLOAT_TYPES = ("F32", "BF16", "F16")
-_NAME_QUANT = re.compile(r"(?i)(?:^|[-_.])(f32|bf16|f16|iq\d\w*|q\d(?:_[a-z0-9]+)*)$")
-
-
-class BenchError(EdgeLLMError):
-    """A benchmark cannot run; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -51,83 +44,28 @@ class VariantSet:
         return self.reference.is_float
 
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def gguf_file_type(path: Path) -> int | None:
-    """``general.file_type`` from a GGUF header, or None when absent.
-
-    A small reader that stops at the key: gguf-py's GGUFReader parses every tokenizer entry first (seconds per file).
-    """
-
-    def read(f: BinaryIO, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        data = f.read(size)
-        if len(data) != size:
-            raise ValueError("unexpected end of file in the GGUF header")
-        return struct.unpack(fmt, data)[0]
-
-    def skip(f: BinaryIO, vtype: int) -> None:
-        if vtype in _SCALAR:
-            f.seek(struct.calcsize(_SCALAR[vtype]), 1)
-        elif vtype == _STRING:
-            f.seek(read(f, "<Q"), 1)
-        elif vtype == _ARRAY:
-            etype, count = read(f, "<I"), read(f, "<Q")
-            if etype in _SCALAR:
-                f.seek(struct.calcsize(_SCALAR[etype]) * count, 1)
-            else:
-                for _ in range(count):
-                    skip(f, etype)
-        else:
-            raise ValueError(f"unknown GGUF value type {vtype}")
-
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (bad magic)")
-        version = read(f, "<I")
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is too old")
-        _n_tensors, n_kv = read(f, "<Q"), read(f, "<Q")
-        for _ in range(n_kv):
-            key = f.read(read(f, "<Q")).decode("utf-8", errors="replace")
-            vtype = read(f, "<I")
-            if key == "general.file_type" and vtype in _SCALAR:
-                return int(read(f, _SCALAR[vtype]))
-            skip(f, vtype)
-    return None
-
-
 def quant_of(path: Path) -> str:
     """The GGUF's ``general.file_type`` as a llama.cpp type name, or the quant suffix of its file name."""
     try:
-        file_type = gguf_file_type(path)
-        if file_type is not None:
-            import llama_cpp
-
-            names = {v: k for k, v in vars(llama_cpp).items() if k.startswith("LLAMA_FTYPE_") and isinstance(v, int)}
-            if file_type in names:
-                name = names[file_type].removeprefix("LLAMA_FTYPE_")
-                return {"ALL_F32": "F32"}.get(name, name.removeprefix("MOSTLY_"))
-    except (OSError, ValueError) as e:  # unreadable metadata: the file name is the next best source
+        file_type = read_header(path, with_tensors=False).file_type
+    except (OSError, GGUFError) as e:  # unreadable metadata: the file name is the next best source
         log.debug("cannot read general.file_type of %s: %s", path, e)
-    if m := _NAME_QUANT.search(path.stem):
-        return m.group(1).upper()
-    return "unknown"
+        file_type = None
+    name = ftype_name(file_type) if file_type is not None else None
+    return name or quant_in_name(path) or "unknown"
+
+
+def _manifest_variant(f: ManifestFile) -> Variant:
+    return Variant(label=f.quant, quant=f.quant.upper(), path=f.absolute_path, size_bytes=f.size)
 
 
 def _from_manifest(manifest_path: Path) -> VariantSet:
-    from edgellm.manifest import load_manifest
-
     manifest = load_manifest(manifest_path)
     manifest.check_files()
-
-    def variant(f: object) -> Variant:
-        return Variant(label=f.quant, quant=f.quant.upper(), path=f.absolute_path, size_bytes=f.size)  # type: ignore[attr-defined]
-
-    reference = variant(manifest.reference)
-    others = sorted((variant(f) for f in manifest.files if f.quant != manifest.reference.quant), key=lambda v: -v.size_bytes)
+    reference = _manifest_variant(manifest.reference)
+    others = sorted(
+        (_manifest_variant(f) for f in manifest.files if f.quant != manifest.reference.quant), key=lambda v: -v.size_bytes
+    )
     return VariantSet(name=manifest.name, variants=(reference, *others), reference=reference, source="manifest")
 
 

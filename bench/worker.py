@@ -1,4 +1,4 @@
-"""Measure one GGUF variant in its own process: ``python -m bench.worker < spec.json``.
+"""Measure one GGUF variant in its own process: ``python -m edgellm.bench.worker < spec.json``.
 
 A fresh process per variant keeps peak resident memory honest (peaks of different models never mix) and keeps
 a llama.cpp crash from taking the whole benchmark down. The process reads a JSON spec on stdin and writes
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgellm.bench import quality
 
 
 @dataclass
@@ -85,8 +87,7 @@ def _peak_rss_mib() -> float:
 
 
 def run(spec: WorkerSpec) -> dict[str, Any]:
-    from edgellm.bench import quality
-    from edgellm.bench.lowlevel import LlamaRunner, silence_llama_logs
+    from edgellm.bench.lowlevel import LlamaRunner, silence_llama_logs  # llama.cpp loads in this process only
 
     silence_llama_logs()
     rng = np.random.default_rng(spec.seed)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.bench.engine_speed import compare_engines, engines_table
-from edgellm.bench.variants import BenchError
+from edgellm.bench.engine_speed import compare_engines
+from edgellm.bench.errors import BenchError
+from edgellm.bench.report import engines_table
 
 
 def test_a_tiny_comparison_writes_its_table_json_and_chart(default_gguf: Path, tmp_path: Path) -> None:
@@ -36,12 +37,13 @@ def test_a_tiny_comparison_writes_its_table_json_and_chart(default_gguf: Path, t
         ({"llama_server": Path("/nonexistent/llama-server")}, "not an executable llama-server"),
         ({"llama_server": Path(sys.executable), "mode": "engine"}, "only be compared over HTTP"),
         ({"mode": "grpc"}, "mode must be"),
+        ({"engines": ["turbo"]}, "engines must be some of serial, batched"),
         ({"levels": [0]}, ">= 1"),
     ],
 )
 def test_bad_options_are_refused_before_anything_runs(default_gguf: Path, kwargs: dict, fragment: str) -> None:
     with pytest.raises(BenchError, match=fragment):
-        compare_engines(default_gguf, ["batched"], **{"levels": [1], **kwargs})
+        compare_engines(default_gguf, **{"engines": ["batched"], "levels": [1], **kwargs})
 
 
 def test_cli_names_a_missing_model(tmp_path: Path) -> None:

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from edgellm.bench import quality
+from edgellm.bench.errors import BenchError
 from edgellm.bench.quant import bench_quant
-from edgellm.bench.variants import BenchError, find_variants
+from edgellm.bench.variants import find_variants
 
 # Small sizes: a couple of minutes in total on two shared cores.
 SMALL = dict(threads=1, reps=1, n_prompt=32, n_gen=4, n_ctx=128, max_chunks=3, progress=False)
@@ -169,8 +170,8 @@ def test_a_text_shorter_than_one_chunk_is_a_clear_error(variants_dir: Path, tmp_
 @pytest.mark.slow
 def test_bench_quant_on_a_converted_manifest(tmp_path_factory: pytest.TempPathFactory) -> None:
     pytest.importorskip("torch")
-    from edgellm.convert.recipe import convert_model
     from edgellm.catalog import pull
+    from edgellm.convert.recipe import convert_model
 
     base = pull("base")
     models = tmp_path_factory.mktemp("converted") / "smollm2"

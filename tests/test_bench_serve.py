@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from edgellm.bench.errors import BenchError
 from edgellm.bench.loadtest import bench_serve, check_loopback
-from edgellm.bench.variants import BenchError
 from tests.conftest import free_port
 
 # -- loopback only ------------------------------------------------------------------------------------------------
