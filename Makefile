@@ -55,8 +55,14 @@ test-slow: setup
 lint: install
 	$(BIN)/ruff check .
 
+# mypy reads source folders, not the installed package map: a tree of links gives it the installed layout
+# (edgellm/serve -> serve/, ...), so that every package is checked with the others' types resolved.
+TYPECHECK_TREE := .cache/typecheck
 typecheck: install
-	$(BIN)/mypy serve edgellm
+	rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/edgellm
+	for f in edgellm/*.py; do ln -s "$(CURDIR)/$$f" $(TYPECHECK_TREE)/edgellm/; done
+	for s in serve train convert bench; do ln -s "$(CURDIR)/$$s" $(TYPECHECK_TREE)/edgellm/$$s; done
+	cd $(TYPECHECK_TREE) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p edgellm
 
 check: lint typecheck test
 
