@@ -37,7 +37,12 @@ def _scalar_fields() -> list[tuple[str, str]]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve GGUF models over an OpenAI-compatible HTTP API")
-    p.add_argument("--config", type=Path, default=None, help=f"settings YAML (default: {DEFAULT_CONFIG} if present)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"settings YAML (default: {DEFAULT_CONFIG} in the current folder, else the one shipped with edgellm)",
+    )
     p.add_argument(
         "--model",
         dest="model_paths",
@@ -58,11 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Any:
     from edgellm.config import parse_overrides, parse_scalar
+    from edgellm.paths import resolve_input
     from edgellm.serve.settings import ModelSettings, load_serve_settings, models_from_paths
 
     config = args.config
-    if config is None and DEFAULT_CONFIG.is_file():
-        config = DEFAULT_CONFIG
+    if config is None:
+        default = resolve_input(DEFAULT_CONFIG)  # ./configs/serve.yaml, else the installed copy's
+        if default.is_file():
+            config = default
     overrides: dict[str, Any] = {}
     for name, _ in _scalar_fields():
         value = getattr(args, f"opt_{name}")

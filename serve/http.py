@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import anyio
 from starlette.requests import Request
 
 from edgellm.serve.engine.base import Engine
 from edgellm.serve.errors import AUTHENTICATION, NOT_SUPPORTED, UNAVAILABLE, APIError
 from edgellm.serve.settings import ServeSettings
 
+if TYPE_CHECKING:
+    from edgellm.serve.engine.rerank import CrossEncoderReranker
+
+
+@dataclass
+class RerankerState:
+    """The configured reranker as the routes see it. The lifespan builds it and loads the model in the background:
+    ``model`` is None until it is loaded (``error`` says why, if it failed). ``limiter`` lets one rerank at a time
+    run in a worker thread (the reranker serializes its calls anyway; the others wait without holding a thread)."""
+
+    limiter: anyio.CapacityLimiter
+    model: CrossEncoderReranker | None = None
+    error: str | None = None
+
 
 @dataclass
 class ServerState:
-    """Everything the routes need, built by the lifespan (no globals)."""
+    """Everything the routes need, built by the lifespan (no globals). ``reranker`` is None when no reranker is
+    configured."""
 
     settings: ServeSettings
     engine: Engine | None = None
-    reranker: Any = None
     load_error: str | None = None
-    reranker_error: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    reranker: RerankerState | None = None
 
     @property
     def ready(self) -> bool:

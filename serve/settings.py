@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgellm.config import load_config
+from edgellm.serve.engine.factory import EngineKind
 
 ENV_PREFIX = "EDGELLM_SERVE"
 
@@ -23,7 +24,7 @@ class ModelSettings(_Strict):
     name: str = Field(min_length=1)
     path: Path
     n_ctx: int = Field(4096, ge=64, description="context size in tokens (shared by the engine's slots)")
-    n_threads: int | None = Field(None, ge=1, description="generation threads; default: all cores")
+    n_threads: int | None = Field(None, ge=1, description="generation threads; default: the physical cores")
     n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to a GPU build of llama.cpp (-1: all)")
     n_batch: int = Field(512, ge=1, description="prompt-processing chunk size")
 
@@ -40,15 +41,16 @@ class RerankerSettings(_Strict):
     threads: int | None = Field(
         1,
         ge=1,
-        description="torch threads for reranking (null: torch's default). torch and llama.cpp share one OpenMP "
-        "runtime in this process: more OpenMP threads than cores makes it throttle, and chat decoding drops ~3x",
+        description="torch threads for reranking, set process-wide by the server when it loads the reranker "
+        "(null: torch's default). torch and llama.cpp share one OpenMP runtime in this process: more OpenMP threads "
+        "than cores makes it throttle, and chat decoding drops ~3x",
     )
 
 
 class ServeSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    engine: Literal["serial", "batched"] = Field(
+    engine: EngineKind = Field(
         "batched", description="batched: continuous batching (default); serial: one request at a time per model"
     )
     slots: int = Field(4, ge=1, le=64, description="batched engine: sequences decoded together per model")

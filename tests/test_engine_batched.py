@@ -23,6 +23,8 @@ from edgellm.serve.engine.base import (
 )
 from edgellm.serve.engine.batched import BatchedEngine
 from edgellm.serve.engine.detok import Detokenizer, StopMatcher
+from edgellm.serve.engine.pool import Job
+from edgellm.serve.engine.slots import SlotTable, copy_threshold
 from edgellm.serve.engine.specs import ModelSpec
 from tests.servers import running_server
 
@@ -81,7 +83,7 @@ def test_detokenizer_never_splits_a_character(engine: BatchedEngine) -> None:
     model = engine._models[MODEL]
     text = "Hi 🙂 你好世界 café 👍🏽!"
     tokens = model.tokenize(text)
-    detok = Detokenizer(model._pieces)
+    detok = Detokenizer(model.llama.pieces)
     pieces = [detok.push(t) for t in tokens] + [detok.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
@@ -99,6 +101,74 @@ def test_stop_matcher_holds_back_a_partial_stop() -> None:
     assert m.push("xa") == ("x", False)
     assert m.flush() == "a"
     assert StopMatcher(()).push("anything") == ("anything", False)
+
+
+# -- the slot table (no model: a fake KV memory that records what it was asked) ---------------------------------
+class FakeMemory:
+    def __init__(self, partial: bool = True) -> None:
+        self.partial = partial
+        self.calls: list[tuple[object, ...]] = []
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        self.calls.append(("rm", seq_id, p0, p1))
+        return self.partial or (p0, p1) == (-1, -1)
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self.calls.append(("cp", src, dst, p0, p1))
+
+
+def job(tokens: list[int]) -> Job:
+    return Job(tokens=tokens, params=SamplingParams(), stream=None)  # type: ignore[arg-type]
+
+
+def test_slot_choice_prefers_the_longest_cached_prefix_then_the_lowest_slot() -> None:
+    table = SlotTable(3, FakeMemory(), copy_min_tokens=16)
+    table.slots[1].cache = [1, 2, 3]
+    table.slots[2].cache = [1, 2, 3, 4]
+    assert table.assign(job([1, 2, 3, 9])).seq_id == 1  # 3 shared with slot 1 and with slot 2: the lower one
+    assert table.assign(job([5, 6])).seq_id == 0  # nothing shared anywhere: the lowest free slot
+    assert table.n_free() == 1 and [s.seq_id for s in table.active] == [0, 1]
+    table.release(table.slots[0])
+    assert table.n_free() == 2 and [s.seq_id for s in table.active] == [1]
+
+
+def test_reuse_prefix_keeps_the_shared_prefix_and_drops_the_rest() -> None:
+    memory = FakeMemory()
+    table = SlotTable(1, memory, copy_min_tokens=16)
+    slot = table.slots[0]
+    slot.cache = [1, 2, 3, 4, 5]
+    assert table.reuse_prefix(slot, [1, 2, 3, 7]) == 3
+    assert slot.cache == [1, 2, 3] and memory.calls == [("rm", 0, 3, -1)]
+    assert table.reuse_prefix(slot, [1, 2, 3]) == 2, "at least one prompt token is evaluated, for its logits"
+
+
+def test_a_long_prefix_in_another_slot_is_copied() -> None:
+    memory = FakeMemory()
+    table = SlotTable(2, memory, copy_min_tokens=16)
+    shared = list(range(100, 140))
+    table.slots[0].cache = [*shared, 1, 2]
+    slot = table.slots[1]
+    assert table.reuse_prefix(slot, [*shared, 7, 8]) == len(shared)
+    assert slot.cache == shared
+    assert memory.calls == [("cp", 0, 1, -1, -1), ("rm", 1, len(shared), -1)]
+    short = SlotTable(2, FakeMemory(), copy_min_tokens=16)
+    short.slots[0].cache = [1, 2, 3]
+    assert short.reuse_prefix(short.slots[1], [1, 2, 3, 4]) == 0, "3 tokens are cheaper to recompute than to copy"
+
+
+def test_a_copy_the_memory_cannot_trim_leaves_nothing_cached() -> None:
+    memory = FakeMemory(partial=False)
+    table = SlotTable(2, memory, copy_min_tokens=1)
+    table.slots[0].cache = [1, 2, 3, 4, 5, 6]
+    slot = table.slots[1]
+    slot.cache = [1, 9]
+    assert table.reuse_prefix(slot, [1, 2, 3, 4, 5, 6, 7]) == 0
+    assert slot.cache == []
+
+
+def test_copy_threshold() -> None:
+    assert copy_threshold(n_ctx=1024, kv_bytes_per_token=23_040, n_params=135_000_000) == 16
+    assert copy_threshold(n_ctx=32_768, kv_bytes_per_token=131_072, n_params=135_000_000) == 160
 
 
 # -- generation ------------------------------------------------------------------------------------------------

@@ -263,3 +263,35 @@ def test_serving_a_gguf_config_does_not_need_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_engine_package_is_cheap_and_the_error_path_pulls_in_no_catalog() -> None:
+    """`edgellm.serve.engine` (the engine's public API) imports neither llama_cpp nor torch; the server's error
+    path imports neither the model catalog nor tqdm."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import edgellm.serve.engine as e, edgellm.serve.errors; "
+        "heavy = [m for m in ('llama_cpp', 'torch', 'tqdm', 'edgellm.catalog') if m in sys.modules]; "
+        "assert not heavy, heavy; "
+        "assert e.BatchedEngine.__name__ == 'BatchedEngine' and e.SerialEngine.__name__ == 'SerialEngine'; "
+        "missing = [n for n in e.__all__ if not hasattr(e, n)]; assert not missing, missing"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_reranker_state_is_built_by_the_lifespan(engine: FakeEngine) -> None:
+    """With a reranker configured that cannot load, the route says why (503); the limiter exists from the start."""
+    with TestClient(
+        create_app(settings(reranker={"path": "no-such-dir", "threads": None}), engine_factory=lambda s: engine)
+    ) as c:
+        for _ in range(500):
+            r = c.post("/v1/rerank", json={"query": "q", "documents": ["a"]})
+            if "failed to load" in r.text:
+                break
+            import time
+
+            time.sleep(0.01)
+        assert_error(r, 503, "unavailable_error", "no config.json")
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["fake"]

@@ -1,5 +1,114 @@
 """Generation engines: separate from HTTP, usable from Python without a server.
 
-``serve.engine.base`` defines the interface the routes talk to; ``serial`` serves one request at a time per model
-on llama-cpp-python's high-level API; ``batched`` runs continuous batching on the low-level API.
+The public API of the engine, for the server and for other stages (bench)::
+
+    from edgellm.serve.engine import ChatMessage, GenerationRequest, ModelSpec, SamplingParams, build_engine
+
+    engine = build_engine("batched", [ModelSpec(name="m", path=Path("model.gguf"))], slots=4)
+    generation = await engine.submit(GenerationRequest(model="m", messages=(ChatMessage("user", "Hi"),)))
+    async for event in generation:  # TextDelta ..., then one Finished
+        ...
+    await engine.close()
+
+Importing this package is cheap: it imports neither llama_cpp nor torch. ``BatchedEngine``, ``SerialEngine`` and
+the reranker are imported on first use.
+
+The pieces: ``base`` (the ``Engine`` protocol and the values that cross it), ``factory`` (kind + specs -> engine),
+``pool`` (admission checks shared by the engines), ``serial`` (one request at a time per model, llama-cpp-python's
+high-level API), ``batched`` (continuous batching on the low-level API), composed of ``context`` (the loaded model),
+``slots`` (the slot table: KV bookkeeping and prefix reuse), ``batch`` (building a step's batch), ``sampling``
+(llama.cpp sampler chains), ``detok`` (detokenization and stop strings) and ``scheduler`` (the one decoding
+thread); ``prompt`` (chat templates), ``stream`` (the thread-to-event-loop bridge), ``rerank`` (the cross-encoder
+reranker).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from edgellm.serve.engine.base import (
+    ChatMessage,
+    ContextOverflowError,
+    Engine,
+    EngineError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+    Event,
+    Finished,
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    InvalidPromptError,
+    ModelInfo,
+    SamplingParams,
+    TextDelta,
+    Timings,
+    UnknownModelError,
+)
+from edgellm.serve.engine.factory import EngineKind, build_engine
+from edgellm.serve.engine.prompt import ChatTemplate
+from edgellm.serve.engine.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from edgellm.serve.engine.batched import BatchedEngine
+    from edgellm.serve.engine.rerank import (
+        CrossEncoderReranker,
+        RerankError,
+        RerankInputError,
+        RerankModelError,
+        RerankOutput,
+        RerankScore,
+    )
+    from edgellm.serve.engine.serial import SerialEngine
+
+_LAZY = {
+    "BatchedEngine": "edgellm.serve.engine.batched",
+    "SerialEngine": "edgellm.serve.engine.serial",
+    "CrossEncoderReranker": "edgellm.serve.engine.rerank",
+    "RerankError": "edgellm.serve.engine.rerank",
+    "RerankInputError": "edgellm.serve.engine.rerank",
+    "RerankModelError": "edgellm.serve.engine.rerank",
+    "RerankOutput": "edgellm.serve.engine.rerank",
+    "RerankScore": "edgellm.serve.engine.rerank",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    "BatchedEngine",
+    "ChatMessage",
+    "ChatTemplate",
+    "ContextOverflowError",
+    "CrossEncoderReranker",
+    "Engine",
+    "EngineError",
+    "EngineKind",
+    "EngineOverloadedError",
+    "EngineUnavailableError",
+    "Event",
+    "FinishReason",
+    "Finished",
+    "Generation",
+    "GenerationRequest",
+    "InvalidPromptError",
+    "ModelInfo",
+    "ModelSpec",
+    "RerankError",
+    "RerankInputError",
+    "RerankModelError",
+    "RerankOutput",
+    "RerankScore",
+    "SamplingParams",
+    "SerialEngine",
+    "TextDelta",
+    "Timings",
+    "UnknownModelError",
+    "build_engine",
+]

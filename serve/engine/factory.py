@@ -1,39 +1,34 @@
-"""Settings -> engine. The only place that knows which engine classes exist."""
+"""Engine kind + model specs -> a loaded engine. The only place that knows which engine classes exist."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 from edgellm.serve.engine.base import Engine
 from edgellm.serve.engine.specs import ModelSpec
-from edgellm.serve.settings import ServeSettings
+
+EngineKind = Literal["serial", "batched"]
 
 
-def model_specs(settings: ServeSettings) -> list[ModelSpec]:
-    return [
-        ModelSpec(
-            name=m.name,
-            path=m.path,
-            n_ctx=m.n_ctx,
-            n_threads=m.n_threads,
-            n_gpu_layers=m.n_gpu_layers,
-            n_batch=m.n_batch,
-        )
-        for m in settings.models
-    ]
-
-
-def build_engine(settings: ServeSettings) -> Engine:
-    """Load every configured model (blocking: call it off the event loop)."""
-    specs = model_specs(settings)
+def build_engine(
+    kind: EngineKind, specs: Sequence[ModelSpec], *, slots: int = 4, queue_size: int = 64
+) -> Engine:
+    """Load every model (blocking: call it off the event loop). ``batched``: continuous batching, ``slots``
+    sequences per model; ``serial``: one request at a time per model (``slots`` is ignored). ``queue_size``
+    requests may wait per model; beyond that, ``submit`` raises ``EngineOverloadedError``."""
+    if kind not in ("serial", "batched"):
+        raise ValueError(f"unknown engine {kind!r}; expected 'serial' or 'batched'")
     for spec in specs:
         if not spec.path.is_file():
             raise FileNotFoundError(
                 f"model file {spec.path} (model {spec.name!r}) does not exist; "
                 "run `edgellm models pull default` or fix its path in the settings"
             )
-    if settings.engine == "batched":
+    if kind == "batched":
         from edgellm.serve.engine.batched import BatchedEngine
 
-        return BatchedEngine(specs, slots=settings.slots, queue_size=settings.queue_size)
+        return BatchedEngine(list(specs), slots=slots, queue_size=queue_size)
     from edgellm.serve.engine.serial import SerialEngine
 
-    return SerialEngine(specs, queue_size=settings.queue_size)
+    return SerialEngine(list(specs), queue_size=queue_size)

@@ -9,6 +9,10 @@ Usable from Python without a server::
 Importing this module imports neither torch nor sentence-transformers; the constructor does. ``rerank`` is
 blocking and CPU-bound: an async caller runs it in a worker thread. Calls on one engine are serialized by a lock
 (the tokenizer is not safe to share between threads, and two batches at once only fight over the same cores).
+
+The reranker does not set torch's thread count: ``torch.set_num_threads`` is process-wide (and torch shares one
+OpenMP runtime with llama.cpp), so it belongs to the process that owns the cores: the server sets it in its lifespan
+(``reranker.threads`` in the serve settings); a script calls it itself if it wants to.
 """
 
 from __future__ import annotations
@@ -67,7 +71,6 @@ class CrossEncoderReranker:
         batch_size: int = 32,
         max_length: int | None = None,
         device: str = "cpu",
-        threads: int | None = None,
     ) -> None:
         if max_documents < 1:
             raise ValueError(f"max_documents must be at least 1, got {max_documents}")
@@ -85,8 +88,6 @@ class CrossEncoderReranker:
         import torch
         from sentence_transformers import CrossEncoder
 
-        if threads is not None:
-            torch.set_num_threads(threads)  # process-wide, and shared with llama.cpp's OpenMP runtime (see settings)
         self._torch = torch
         self._model: Any = CrossEncoder(
             str(model_dir), device=device, max_length=max_length, local_files_only=True

@@ -1,7 +1,7 @@
 """A request's sampling parameters as one of llama.cpp's native sampler chains (``llama_sampler_*``), built in the
 order llama-server uses (common/sampling.cpp): penalties -> top_k -> top_p -> min_p -> temperature -> dist.
 Greedy (``temperature <= 0``) is penalties -> argmax. The chain samples and accepts in C:
-``llama_sampler_sample(chain, ctx, batch_index)``."""
+``llama_sampler_sample(chain, ctx, batch_index)``. The batched engine keeps one chain per running request."""
 
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ class SamplerChain:
         accept = self._ll.llama_sampler_accept
         for t in tokens[-self.penalty_last_n :]:
             accept(self.ptr, t)
+
+    def sample(self, ctx: Any, index: int) -> int:
+        """Sample the next token from the logits at batch ``index`` of ``ctx``'s last decode, and accept it (in C, no
+        copy of the logits)."""
+        token: int = self._ll.llama_sampler_sample(self.ptr, ctx, index)
+        return token
 
     def close(self) -> None:
         if self.ptr:

@@ -24,7 +24,7 @@ from edgellm.serve.engine.base import (
 )
 from edgellm.serve.engine.pool import Job, ModelPool
 from edgellm.serve.engine.prompt import ChatTemplate
-from edgellm.serve.engine.specs import ModelSpec, default_threads
+from edgellm.serve.engine.specs import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class SerialModel:
         self.spec = spec
         self._owns_decoder = decoder is None
         self._decoder = decoder or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{spec.name}")
-        threads = spec.n_threads or default_threads()
+        threads = spec.threads()
         self.llm = Llama(
             model_path=str(spec.path),
             n_ctx=spec.n_ctx,
@@ -71,6 +71,7 @@ class SerialModel:
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._busy = False  # a request is being generated
         self._thread = threading.Thread(target=self._run, name=f"serial-{spec.name}", daemon=True)
         self._thread.start()
 
@@ -87,8 +88,6 @@ class SerialModel:
                 )
             self._waiting.append(job)
             self._cond.notify()
-
-    _busy = False
 
     # -- worker thread ------------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from edgellm.hardware import default_threads
 
 
 @dataclass(frozen=True)
@@ -16,10 +17,7 @@ class ModelSpec:
     n_gpu_layers: int = 0
     n_batch: int = 512
 
-
-def default_threads() -> int:
-    """All cores available to this process (llama.cpp's own default is the physical cores)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    def threads(self) -> int:
+        """llama.cpp threads for this model: ``n_threads``, else ``edgellm.hardware.default_threads()`` (the
+        physical cores this process may use)."""
+        return self.n_threads or default_threads()

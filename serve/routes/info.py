@@ -32,7 +32,8 @@ async def list_models(request: Request) -> Response:
         }
         for m in engine.models()
     ]
-    if state.reranker is not None:
-        data.append({"id": state.reranker.name, "object": "model", "created": 0, "owned_by": "edgellm",
+    reranker = state.reranker.model if state.reranker is not None else None
+    if reranker is not None:
+        data.append({"id": reranker.name, "object": "model", "created": 0, "owned_by": "edgellm",
                      "meta": {"kind": "reranker"}})
     return JSONResponse({"object": "list", "data": data})

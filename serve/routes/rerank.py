@@ -39,22 +39,22 @@ async def rerank(request: Request) -> Response:
     state = server_state(request)
     settings = state.settings
     check_auth(request, settings.api_key)
-    if settings.reranker is None:
+    served = state.reranker
+    if settings.reranker is None or served is None:
         raise APIError(501, NO_RERANKER, NOT_SUPPORTED)
     body = parse_body(RerankRequest, await read_json(request, settings.max_body_bytes))
-    reranker = state.reranker
+    reranker = served.model
     if reranker is None:
-        if state.reranker_error:
-            raise APIError(503, f"the reranker failed to load: {state.reranker_error}", UNAVAILABLE)
+        if served.error:
+            raise APIError(503, f"the reranker failed to load: {served.error}", UNAVAILABLE)
         raise APIError(503, "the reranker is still loading; retry shortly", UNAVAILABLE, {"Retry-After": "1"})
     if body.model not in (None, "", reranker.name):
         raise APIError(404, f"reranker {body.model!r} is not served here; available: {reranker.name}", NOT_FOUND)
     texts = [d if isinstance(d, str) else d.text for d in body.documents]
     truncate = settings.reranker.truncate if body.truncate is None else body.truncate
-    limiter: anyio.CapacityLimiter = state.extras.setdefault("rerank_limiter", anyio.CapacityLimiter(1))
     out = await anyio.to_thread.run_sync(
         lambda: reranker.rerank(body.query, texts, top_n=body.top_n, raw_scores=body.raw_scores, truncate=truncate),
-        limiter=limiter,
+        limiter=served.limiter,
     )
     results = []
     for r in out.results:

@@ -1,0 +1,106 @@
+"""A GGUF loaded for the batched engine: the llama model and one llama context of ``n_seq`` sequences, built with
+explicit parameters (threads, batch size, KV layout, flash attention), and what a step needs from them: the
+tokenizer, the end-of-generation tokens, the token pieces, the chat template, ``decode`` and the KV operations.
+
+Context sizing: ``ModelSpec.n_ctx`` is what one request can hold. The llama context has ``n_ctx * n_seq`` cells and
+``n_seq_max = n_seq``; by default the KV cache is split per sequence (``kv_unified=False``: each sequence owns a
+stream of ``n_ctx`` cells, padded to 256), so a request that fits is never short of cells, and each sequence's
+attention sees only its own cells in position order: a greedy answer does not depend on what else is in the batch
+(with the unified cache it does; see the tests). ``kv_unified=True`` is llama-server's default (one shared buffer).
+Memory: the KV cache is ``n_seq`` times the serial engine's (SmolLM2-135M at n_ctx=4096, 4 slots: ~360 MiB f16).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgellm.serve.engine.detok import PieceTable
+from edgellm.serve.engine.prompt import ChatTemplate
+from edgellm.serve.engine.specs import ModelSpec
+
+
+class LlamaContext:
+    """The loaded model and its context; ``close()`` frees both. Used by the scheduler thread, except
+    ``tokenize`` (any thread)."""
+
+    def __init__(
+        self, spec: ModelSpec, n_seq: int, n_batch: int, kv_unified: bool = False, flash_attn: bool | None = None
+    ) -> None:
+        import llama_cpp as ll
+        from llama_cpp._internals import LlamaModel
+        from llama_cpp._logger import set_verbose
+
+        self._ll = ll
+        self.spec = spec
+        set_verbose(False)  # as llama_cpp.Llama(verbose=False) does
+        ll.llama_backend_init()
+
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = spec.n_gpu_layers
+        self.model = LlamaModel(path_model=str(spec.path), params=mparams, verbose=False)
+        self.vocab = self.model.vocab
+        self.n_vocab: int = self.model.n_vocab()
+
+        threads = spec.threads()
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx = spec.n_ctx * n_seq
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = kv_unified
+        if flash_attn is not None:
+            cparams.flash_attn_type = (
+                ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
+        cparams.no_perf = True
+        self.ctx: Any = ll.llama_init_from_model(self.model.model, cparams)
+        if not self.ctx:
+            self.model.close()
+            raise RuntimeError(f"llama_init_from_model failed for {spec.path} (n_ctx={cparams.n_ctx})")
+        self._memory = ll.llama_get_memory(self.ctx)
+
+        try:
+            bos, eos = self.model.token_bos(), self.model.token_eos()
+            bos_text = self.model.token_get_text(bos) if bos >= 0 else ""
+            eos_text = self.model.token_get_text(eos) if eos >= 0 else ""
+            self.template = ChatTemplate.from_metadata(self.model.metadata(), bos_text, eos_text)
+            is_eog = ll.llama_vocab_is_eog
+            self.eog = frozenset(t for t in range(self.n_vocab) if is_eog(self.vocab, t))
+            self.pieces = PieceTable(self.vocab, self.n_vocab)
+        except BaseException:
+            self.close()
+            raise
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.model.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token over all layers, in f16."""
+        ll, m = self._ll, self.model.model
+        n_head = max(1, ll.llama_model_n_head(m))
+        head_dim = ll.llama_model_n_embd(m) // n_head
+        return int(2 * ll.llama_model_n_layer(m) * head_dim * ll.llama_model_n_head_kv(m) * 2)
+
+    def n_params(self) -> int:
+        return max(1, int(self._ll.llama_model_n_params(self.model.model)))
+
+    def decode(self, batch: Any) -> None:
+        rc = self._ll.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc} for a batch of {batch.n_tokens} tokens")
+
+    # -- KV memory (slots.KVMemory) ------------------------------------------------------------------------------
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        return bool(self._ll.llama_memory_seq_rm(self._memory, seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        self._ll.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+
+    def close(self) -> None:
+        self._ll.llama_free(self.ctx)
+        self.model.close()
+
+
+__all__ = ["LlamaContext"]

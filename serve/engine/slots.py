@@ -1,0 +1,173 @@
+"""The slot table: one slot per sequence of a model's llama context, the tokens whose KV each one holds, and which
+slot a new request gets.
+
+A slot keeps its KV after its request ends, so the next request that shares a prefix with it does not recompute
+that prefix:
+
+- **choice of slot**: a request takes the free slot whose cached tokens share the longest prefix with its prompt
+  (the next turn of a chat reuses its own KV); ties go to the lowest slot, so sequences stay in id order, which is
+  the batch's order (llama.cpp decodes one ubatch per run of consecutive sequence ids with equal token counts);
+- **prefix copy**: if another slot holds a longer prefix (the same system prompt, another user), its KV is copied
+  into the chosen slot instead of being recomputed, when that is cheaper (``copy_threshold``);
+- whatever the slot holds past the shared prefix is removed from its KV.
+
+The table also holds each slot's per-request state (pending prompt tokens, the sampled token, its sampler chain,
+detokenizer and stop matcher, counters for the timings); ``release`` frees a slot for the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Protocol
+
+from edgellm.serve.engine.detok import Detokenizer, StopMatcher
+from edgellm.serve.engine.pool import Job
+from edgellm.serve.engine.sampling import SamplerChain
+
+log = logging.getLogger(__name__)
+
+
+class KVMemory(Protocol):
+    """The KV operations the table needs (llama.cpp's ``llama_memory_seq_*`` on one context)."""
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        """Remove positions ``[p0, p1)`` of a sequence (-1: open end); False if the memory cannot do a partial removal."""
+        ...
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Copy positions ``[p0, p1)`` of sequence ``src`` into ``dst`` (-1, -1: all of it)."""
+        ...
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def copy_threshold(n_ctx: int, kv_bytes_per_token: int, n_params: int) -> int:
+    """Prefix tokens above which copying a slot's KV (``n_ctx`` cells of K and V) is cheaper than recomputing them
+    (~2 FLOPs per parameter and token), taking 100 GFLOP/s and 10 GB/s as a CPU's ratio.
+    SmolLM2-135M at n_ctx 1024: 23 KB of KV per token, a copy costs as much as ~1 token: the floor of 16 wins."""
+    return max(16, math.ceil(n_ctx * kv_bytes_per_token * 5 / max(1, n_params)))
+
+
+class Slot:
+    """One sequence of the context: the tokens its KV holds, and the request it serves (if any)."""
+
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.cache: list[int] = []  # tokens whose K/V this sequence holds, at positions 0..len-1
+        self.job: Job | None = None
+        # the request being served
+        self.pending: list[int] = []  # prompt tokens not evaluated yet
+        self.next_token = -1  # sampled, to be evaluated at the next step
+        self.out_index = -1  # batch index of this sequence's logits in the current step
+        self.chain: SamplerChain | None = None
+        self.detok: Detokenizer | None = None
+        self.stop: StopMatcher | None = None
+        self.max_tokens = 0
+        self.n_decoded = 0
+        self.n_cached = 0
+        self.n_evaluated = 0
+        self.t_start = 0.0
+        self.t_first = 0.0
+
+
+class SlotTable:
+    """The ``n`` slots of one context and its KV memory; ``active`` lists the slots serving a request, in seq_id
+    order (the batch's order). ``copy_min_tokens``: see ``copy_threshold`` (1 with a unified KV cache, where a
+    copy shares cells instead of copying them)."""
+
+    def __init__(self, n: int, memory: KVMemory, copy_min_tokens: int) -> None:
+        self.slots = [Slot(i) for i in range(n)]
+        self.active: list[Slot] = []
+        self._memory = memory
+        self._copy_min_tokens = copy_min_tokens
+
+    def n_free(self) -> int:
+        return len(self.slots) - len(self.active)
+
+    def assign(self, job: Job) -> Slot:
+        """Give ``job`` the free slot with the longest cached prefix of its prompt (ties: the lowest slot)."""
+        free = [s for s in self.slots if s.job is None]
+        if not free:
+            raise RuntimeError("no free slot")  # callers check n_free() first
+        best = max(free, key=lambda s: (common_prefix(s.cache, job.tokens), -s.seq_id))
+        best.job = job
+        self.active.append(best)
+        self.active.sort(key=lambda s: s.seq_id)
+        return best
+
+    def reuse_prefix(self, slot: Slot, tokens: list[int]) -> int:
+        """Make ``slot``'s KV hold the longest cached prefix of ``tokens`` it can (its own, or copied from another
+        slot) and nothing past it; returns the number of tokens kept. At least one token is left to evaluate, for
+        its logits."""
+        keep = min(common_prefix(slot.cache, tokens), len(tokens) - 1)
+        copied = self._copy_prefix(slot, tokens, keep)
+        if copied:
+            return copied
+        keep = min(keep, len(slot.cache))  # a copy that failed half-way leaves the slot empty
+        if keep < len(slot.cache):
+            if not self._memory.seq_rm(slot.seq_id, keep, -1):
+                self._memory.seq_rm(slot.seq_id, -1, -1)
+                keep = 0
+            del slot.cache[keep:]
+        return keep
+
+    def _copy_prefix(self, slot: Slot, tokens: list[int], keep: int) -> int:
+        """If another slot holds a longer prefix of ``tokens``, copy its KV into ``slot`` instead of recomputing
+        it; returns the tokens now cached, or 0 if nothing was copied.
+
+        Across the per-sequence KV streams llama.cpp copies a whole stream (``seq_cp`` with p0 = p1 = -1, applied at
+        the next decode, before it computes), then the tail past the shared prefix is removed. Copying a slot's
+        ``n_ctx`` cells beats recomputing once the gain passes ``copy_min_tokens``."""
+        best: Slot | None = None
+        shared = 0
+        for other in self.slots:
+            if other is slot or not other.cache:
+                continue
+            n = common_prefix(other.cache, tokens)
+            if n > shared:
+                best, shared = other, n
+        shared = min(shared, len(tokens) - 1)
+        if best is None or shared - keep < self._copy_min_tokens:
+            return 0
+        memory = self._memory
+        memory.seq_cp(best.seq_id, slot.seq_id, -1, -1)
+        if not memory.seq_rm(slot.seq_id, shared, -1):  # a memory without partial removal
+            memory.seq_rm(slot.seq_id, -1, -1)
+            slot.cache.clear()
+            return 0
+        slot.cache = best.cache[:shared]
+        log.debug("slot %d: copied %d cached tokens from slot %d", slot.seq_id, shared, best.seq_id)
+        return shared
+
+    def forget(self, slot: Slot) -> None:
+        """Drop everything the slot's KV holds (its state is unknown after an error)."""
+        self._memory.seq_rm(slot.seq_id, -1, -1)
+        slot.cache.clear()
+
+    def release(self, slot: Slot) -> None:
+        """Free the slot for the next request; its KV (``slot.cache``) stays for prefix reuse."""
+        if slot.chain is not None:
+            slot.chain.close()
+            slot.chain = None
+        slot.job = None
+        slot.pending = []
+        slot.detok = None
+        slot.stop = None
+        if slot in self.active:
+            self.active.remove(slot)
+
+    def close(self) -> None:
+        """Free the sampler chains still held (the model is closing)."""
+        for slot in self.slots:
+            if slot.chain is not None:
+                slot.chain.close()
+
+
+__all__ = ["KVMemory", "Slot", "SlotTable", "common_prefix", "copy_threshold"]
