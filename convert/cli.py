@@ -8,9 +8,8 @@ edgellm convert --config configs/convert.yaml            # the same, from a YAML
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
-
-QUANT_CHOICES = ("q4_k_m", "q8_0", "q5_k_m", "q6_k", "q4_0", "f16", "bf16")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", type=Path, default=None, help="settings YAML, e.g. configs/convert.yaml")
     p.add_argument(
-        "--quant", dest="quants", nargs="+", choices=QUANT_CHOICES, help="types to make (q4_k_m q8_0)"
+        "--quant",
+        dest="quants",
+        nargs="+",
+        metavar="TYPE",
+        help="llama.cpp types to make (q4_k_m q8_0; also q5_k_m, q6_k, q4_0, f16, bf16, ...)",
     )
     p.add_argument("--out", type=Path, help="output folder (default: models/<source folder name>)")
     p.add_argument("--name", help="model name in the manifest (default: the output folder's name)")
@@ -59,6 +62,8 @@ _KEYS = ("src", "out", "quants", "name", "base_type", "max_kl", "threads", "imat
 
 
 def _run(args: argparse.Namespace) -> int:
+    # llama-cpp-python prints llama.cpp's own log (hundreds of lines per model loaded) unless its logger says not to.
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if getattr(args, "verbose", False) else logging.ERROR)
     if args.src == "setup":
         from edgellm.convert.llamacpp import setup_converter
 
@@ -69,14 +74,15 @@ def _run(args: argparse.Namespace) -> int:
     from edgellm.convert.llamacpp import ConvertError
     from edgellm.convert.recipe import convert_model
     from edgellm.convert.settings import load_convert_settings
-    from edgellm.paths import models_dir
+    from edgellm.paths import models_dir, resolve_input
 
     overrides = {k: getattr(args, k) for k in _KEYS}
     overrides = {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}
-    settings = load_convert_settings(args.config, overrides)
+    config = resolve_input(args.config) if args.config is not None else None
+    settings = load_convert_settings(config, overrides)
     if settings.src is None:
         raise ConvertError("no model directory: pass HF_MODEL_DIR or a --config with `src:`")
-    out = settings.out or models_dir() / settings.src.resolve().name
+    out = settings.out or models_dir() / resolve_input(settings.src).resolve().name
     manifest = convert_model(
         settings.src,
         out,
@@ -100,7 +106,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.check_behaviour is not None:
         from edgellm.convert.behaviour import behaviour_shares
 
-        shares = behaviour_shares(out, args.check_behaviour, out / "behaviour.json", args.behaviour_prompts)
+        run = resolve_input(args.check_behaviour)
+        shares = behaviour_shares(out, run, out / "behaviour.json", args.behaviour_prompts)
         for r in shares.values():
             print(
                 f"  {r['model']:<24} behaviour pass share {r['pass_share']:.3f} over {r['prompts']} prompts"

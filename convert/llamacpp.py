@@ -1,34 +1,30 @@
 """llama.cpp's own tools, at the exact version of the installed llama-cpp-python.
 
 - the converter (``convert_hf_to_gguf.py`` with ``conversion/`` and ``gguf-py/``), taken from the binding's source
-  distribution (``pip download --no-binary :all: --no-deps llama-cpp-python==<installed>``) into the cache and run
-  as a subprocess with this Python;
-- the quantizer (``llama_cpp.llama_model_quantize``);
-- a reader for what a GGUF actually holds (tensor types, sizes, metadata).
+  distribution (``pip download --no-binary :all: --no-deps llama-cpp-python==<installed>``) into the cache by
+  ``edgellm convert setup`` (the only step here that uses the network), and run as a subprocess with this Python;
+- the quantizer (``llama_cpp.llama_model_quantize``), run in a child process (`convert.quantize_worker`) so that
+  capturing its log does not change llama.cpp's process-wide log callback here;
+- what a GGUF actually holds (tensor types, sizes, metadata), computed from `edgellm.gguf.read_header`.
 """
 
 from __future__ import annotations
 
 import ast
-import ctypes
 import errno
 import importlib.metadata
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +33,9 @@ from tqdm import tqdm
 
 from edgellm.errors import EdgeLLMError
 from edgellm.fsutil import atomic_path, sha256_file
+from edgellm.gguf import GGUFError, read_header
 from edgellm.paths import cache_dir
+from edgellm.quants import ftypes
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +179,19 @@ def setup_converter(version: str | None = None, force: bool = False) -> Converte
     return found
 
 
-def ensure_converter() -> Converter:
-    return find_converter() or setup_converter()
+SETUP_COMMAND = "edgellm convert setup"
+
+
+def require_converter() -> Converter:
+    """The fetched converter for the installed llama-cpp-python; never downloads (``edgellm convert setup`` does)."""
+    version = binding_version()
+    found = find_converter(version)
+    if found is None:
+        raise ConvertError(
+            f"llama.cpp's converter for llama-cpp-python {version} is not in {converter_dir(version)}; "
+            f"fetch it once with `{SETUP_COMMAND}` (`make setup` runs it)"
+        )
+    return found
 
 
 _NEARLY_FULL = 16 << 20  # after a failed write, less free space than this means the disk filled up
@@ -245,20 +254,27 @@ def run_converter(
 # ---------------------------------------------------------------------------------------------------------------------
 # The quantizer
 
-# Requested name -> llama_ftype value (llama.h). 16-bit types come from the converter; these come from the quantizer.
-QUANT_FTYPES: Mapping[str, int] = {
-    "q4_0": 2,
-    "q8_0": 7,
-    "q4_k_m": 15,
-    "q5_k_m": 17,
-    "q6_k": 18,
-    "f16": 1,
-    "bf16": 32,
-}
-BITS_GUESS = {"q4_0": 4.6, "q8_0": 8.6, "q4_k_m": 5.0, "q5_k_m": 5.8, "q6_k": 6.7, "f16": 16.1, "bf16": 16.1}
+
+def bits_guess(quant: str) -> float:
+    """A generous bits-per-weight estimate of a quantization type, for disk-space checks only: the bit width in
+    its name plus one for block scales and the tensors a mix keeps at higher precision (``q4_k_m`` -> 5,
+    ``iq2_xxs`` -> 3, ``bf16`` -> 16.1)."""
+    m = re.search(r"\d+", quant)
+    bits = int(m.group()) if m else 16
+    return bits + 0.1 if quant.lower().startswith(("f", "bf")) else bits + 1.0
+
+
+def check_quant(quant: str) -> int:
+    """The ``llama_ftype`` of a quantization type name (``q4_k_m`` -> 15), from llama.cpp's own constants."""
+    try:
+        return ftypes()[quant]
+    except KeyError:
+        raise ConvertError(f"unknown quant type {quant!r}; choose from {', '.join(ftypes())}") from None
+
 
 _PROGRESS = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 _FALLBACK = re.compile(r"required for type\s+(\S+)\)\s.*?falling back to\s+(\S+)", re.S)
+WORKER = "edgellm.convert.quantize_worker"
 
 
 @dataclass
@@ -274,56 +290,6 @@ class QuantizeLog:
         return dict(counts)
 
 
-@contextmanager
-def _capture_llama_log(bar: tqdm) -> Iterator[QuantizeLog]:
-    """Route llama.cpp's log to a buffer (and the progress bar) for the duration; restore the binding's logger after."""
-    import llama_cpp
-    from llama_cpp import _logger
-
-    captured = QuantizeLog()
-    pending: list[str] = []
-    lock = threading.Lock()
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        chunk = text.decode("utf-8", errors="replace")
-        with lock:
-            if m := _PROGRESS.search(chunk):
-                done, total = int(m.group(1)), int(m.group(2))
-                if bar.total != total:
-                    bar.reset(total=total)
-                bar.update(done - bar.n)
-            pending.append(chunk)
-            if chunk.endswith("\n"):
-                captured.lines.append("".join(pending).rstrip("\n"))
-                pending.clear()
-
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
-        yield captured
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-        if pending:
-            captured.lines.append("".join(pending))
-
-
-def _imatrix_array(values: Mapping[str, Any]) -> tuple[Any, list[Any]]:
-    """A NULL-name-terminated ``llama_model_imatrix_data`` array, and the buffers that must outlive the call."""
-    import llama_cpp
-    import numpy as np
-
-    arr = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
-    keep = []
-    for i, (name, v) in enumerate(sorted(values.items())):
-        data = np.ascontiguousarray(v, dtype=np.float32)
-        keep.append(data)
-        arr[i].name = name.encode()
-        arr[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        arr[i].size = data.size
-    arr[len(values)].name = None
-    return ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), [arr, keep]
-
-
 def quantize(
     src: Path,
     dst: Path,
@@ -333,29 +299,24 @@ def quantize(
     imatrix: Mapping[str, Any] | None = None,
 ) -> QuantizeLog:
     """``llama_model_quantize(src -> dst)`` with the default parameters, ``ftype`` for ``quant`` and, if given, an
-    importance matrix (GGUF tensor name -> mean squared input activation per column)."""
-    import llama_cpp
+    importance matrix (GGUF tensor name -> mean squared input activation per column).
 
-    if quant not in QUANT_FTYPES:
-        raise ConvertError(f"unknown quant type {quant!r}; choose from {', '.join(QUANT_FTYPES)}")
-    check_free(dst.parent, int(n_params * BITS_GUESS[quant] / 8 * 1.1) + (1 << 20), f"the {quant} file")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_FTYPES[quant]
-    params.nthread = nthread
-    keep_alive = None
-    if imatrix:
-        params.imatrix, keep_alive = _imatrix_array(imatrix)
-    with tqdm(total=None, unit="tensor", desc=f"quantize -> {quant}", file=sys.stderr) as bar:
-        with _capture_llama_log(bar) as qlog:
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    del keep_alive
-    if rc != 0:
-        tail = "\n".join(qlog.lines[-10:])
+    Runs in a child process (`convert.quantize_worker`) that reports llama.cpp's log as JSON lines: the per-tensor
+    progress and the k-quant fallbacks come only through llama.cpp's global log callback, which this process leaves
+    alone."""
+    ftype = check_quant(quant)
+    check_free(dst.parent, int(n_params * bits_guess(quant) / 8 * 1.1) + (1 << 20), f"the {quant} file")
+    with tempfile.TemporaryDirectory(prefix="edgellm-quantize-") as tmp:
+        spec: dict[str, Any] = {"src": str(src), "dst": str(dst), "ftype": ftype, "nthread": nthread}
+        spec["imatrix"] = _save_imatrix(imatrix, Path(tmp) / "imatrix.npz") if imatrix else None
+        qlog, code, stderr = _run_worker(spec, quant, Path(tmp) / "stderr.txt")
+    if code != 0:
+        tail = "\n".join([*qlog.lines[-10:], *stderr.strip().splitlines()[-5:]])
         if "No space left" in tail or shutil.disk_usage(dst.parent).free < _NEARLY_FULL:
             raise DiskFullError(
                 f"the disk filled up while quantizing to {quant} in {dst.parent}; free some space and rerun"
             )
-        raise ConvertError(f"llama.cpp failed to quantize {src.name} to {quant} (code {rc}):\n{tail}")
+        raise ConvertError(f"llama.cpp failed to quantize {src.name} to {quant} (code {code}):\n{tail}")
     if fb := qlog.fallbacks():
         n = sum(fb.values())
         log.warning(
@@ -365,6 +326,65 @@ def quantize(
             fb,
         )
     return qlog
+
+
+def _save_imatrix(imatrix: Mapping[str, Any], path: Path) -> str:
+    import numpy as np
+
+    arrays: dict[str, Any] = {k: np.asarray(v, dtype=np.float32) for k, v in imatrix.items()}
+    np.savez(str(path), **arrays)
+    return str(path)
+
+
+def _run_worker(spec: dict[str, Any], quant: str, stderr_path: Path) -> tuple[QuantizeLog, int, str]:
+    """Run the quantizer worker on ``spec``; its log lines (with a progress bar on the tensors), its result code
+    (the worker's exit status if it died before reporting one) and what it wrote to stderr."""
+    qlog = QuantizeLog()
+    code: int | None = None
+    with open(stderr_path, "w+", encoding="utf-8", errors="replace") as errlog:
+        with subprocess.Popen(
+            [sys.executable, "-m", WORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errlog,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        ) as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(json.dumps(spec))
+                proc.stdin.close()
+                with tqdm(total=None, unit="tensor", desc=f"quantize -> {quant}", file=sys.stderr) as bar:
+                    for raw in proc.stdout:
+                        event = _worker_event(raw)
+                        if event.get("event") == "result":
+                            code = int(event["code"])
+                            continue
+                        line = str(event.get("text", ""))
+                        qlog.lines.append(line)
+                        if m := _PROGRESS.search(line):
+                            done, total = int(m.group(1)), int(m.group(2))
+                            if bar.total != total:
+                                bar.reset(total=total)
+                            bar.update(done - bar.n)
+            finally:
+                if proc.poll() is None and code is None:
+                    proc.kill()  # interrupted (or the pipe broke): do not leave it running
+        errlog.seek(0)
+        stderr = errlog.read()
+    if code is None or (code == 0 and proc.returncode != 0):  # it died before (or after) reporting
+        code = proc.returncode or 1
+    return qlog, code, stderr
+
+
+def _worker_event(raw: str) -> dict[str, Any]:
+    """One JSON line from the worker; anything else it printed (a C library writing to stdout) as a log line."""
+    try:
+        event = json.loads(raw)
+    except json.JSONDecodeError:
+        event = None
+    return event if isinstance(event, dict) else {"event": "log", "text": raw.rstrip("\n")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -386,97 +406,32 @@ class GGUFInfo:
         return round(self.tensor_bytes * 8 / max(self.n_params, 1), 4)
 
 
-# GGUF metadata value types (gguf.GGUFValueType) -> struct format of a scalar; 8 = string, 9 = array.
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-class _Cursor:
-    """A little-endian reader over a GGUF header (just enough to skip arrays fast; gguf.GGUFReader parses every
-    tokenizer entry into its own numpy array, which takes seconds for a 49k-token vocabulary)."""
-
-    def __init__(self, buf: memoryview) -> None:
-        self.buf, self.pos = buf, 0
-
-    def read(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
-        self.pos += struct.calcsize("<" + fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.read("Q")
-        self.pos += n
-        return bytes(self.buf[self.pos - n : self.pos]).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int, keep: bool) -> Any:
-        if vtype in _SCALAR:
-            return self.read(_SCALAR[vtype])
-        if vtype == 8:
-            return self.string()
-        if vtype == 9:
-            etype, count = self.read("I"), self.read("Q")
-            if etype in _SCALAR and not keep:
-                self.pos += count * struct.calcsize("<" + _SCALAR[etype])
-                return count
-            items = [self.value(etype, keep) for _ in range(count)]
-            return items if keep else count
-        raise ConvertError(f"unknown GGUF value type {vtype} at byte {self.pos}")
-
-
-def _parse_header(
-    path: Path, c: _Cursor, quant_sizes: Any, qtype: Any
-) -> tuple[dict[str, Any], Counter[str], int, int]:
-    try:
-        if bytes(c.buf[:4]) != b"GGUF":
-            raise ConvertError(f"{path}: not a GGUF file (magic {bytes(c.buf[:4])!r})")
-        c.pos = 4
-        version, n_tensors, n_kv = c.read("I"), c.read("Q"), c.read("Q")
-        if version < 2:
-            raise ConvertError(f"{path}: GGUF version {version} is too old")
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = c.string()
-            meta[key] = c.value(c.read("I"), keep=not key.startswith("tokenizer.ggml."))
-        types: Counter[str] = Counter()
-        n_params = n_bytes = 0
-        for _ in range(n_tensors):
-            c.string()
-            dims = [c.read("Q") for _ in range(c.read("I"))]
-            ttype = qtype(c.read("I"))
-            c.read("Q")  # offset
-            n = 1
-            for d in dims:
-                n *= d
-            block, size = quant_sizes[ttype]
-            types[ttype.name] += 1
-            n_params += n
-            n_bytes += n // block * size
-    except struct.error:
-        raise ConvertError(f"{path}: truncated GGUF header") from None
-    return meta, types, n_params, n_bytes
-
-
 def read_gguf(path: Path) -> GGUFInfo:
-    """Tensor-type histogram, parameter count, tensor bytes and the metadata edgellm records, from the header."""
+    """Tensor-type histogram, parameter count, tensor bytes and the metadata edgellm records, from the header
+    (`edgellm.gguf.read_header`; no tensor data is read)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            meta, types, n_params, n_bytes = _parse_header(
-                path, _Cursor(view), GGML_QUANT_SIZES, GGMLQuantizationType
-            )
-        finally:
-            view.release()
-    arch = str(meta.get("general.architecture", ""))
-    ctx = meta.get(f"{arch}.context_length")
+    try:
+        header = read_header(path)
+    except GGUFError as e:
+        raise ConvertError(str(e)) from None
+    types: Counter[str] = Counter()
+    n_params = n_bytes = 0
+    for t in header.tensors:
+        ttype = GGMLQuantizationType(t.type)
+        block, size = GGML_QUANT_SIZES[ttype]
+        types[ttype.name] += 1
+        n_params += t.n_elements
+        n_bytes += t.n_elements // block * size
+    ctx = header.arch_value("context_length")
     return GGUFInfo(
         tensor_types=dict(sorted(types.items())),
         n_params=n_params,
         tensor_bytes=n_bytes,
-        architecture=arch,
+        architecture=header.architecture,
         context_length=int(ctx) if isinstance(ctx, int) else None,
-        has_tokenizer=bool(meta.get("tokenizer.ggml.tokens")),
-        has_chat_template=bool(meta.get("tokenizer.chat_template")),
+        has_tokenizer=bool(header.meta.get("tokenizer.ggml.tokens")),
+        has_chat_template=bool(header.meta.get("tokenizer.chat_template")),
     )
 
 

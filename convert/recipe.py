@@ -13,26 +13,28 @@ import hashlib
 import json
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgellm.convert.imatrix import Imatrix, compute_imatrix, read_calibration_text
 from edgellm.convert.llamacpp import (
-    QUANT_FTYPES,
     Converter,
     ConvertError,
     UnsupportedArchitectureError,
     binding_version,
     check_free,
     disk_full_error,
-    ensure_converter,
     is_disk_full,
     llama_cpp_version,
     quantize,
     read_gguf,
+    require_converter,
     run_converter,
 )
+from edgellm.convert.verify import DEFAULT_PROMPTS, HFReference, hf_reference, verify_gguf
+from edgellm.fsutil import atomic_path, atomic_write_text, sha256_file
 from edgellm.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -43,12 +45,11 @@ from edgellm.manifest import (
     Verification,
     load_manifest,
 )
-from edgellm.convert.verify import DEFAULT_PROMPTS, HFReference, hf_reference, verify_gguf
-from edgellm.fsutil import atomic_path, atomic_write_text, sha256_file
+from edgellm.paths import resolve_input
+from edgellm.quants import DEFAULT_QUANTS, ftypes
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUANTS = ("q4_k_m", "q8_0")
 BASE_TYPES = ("f16", "bf16")
 MAX_KL = 1e-3
 
@@ -125,7 +126,7 @@ def hash_directory(src: Path) -> str:
     return h.hexdigest()
 
 
-def _previous(out: Path) -> Manifest | None:
+def previous_manifest(out: Path) -> Manifest | None:
     if not (out / MANIFEST_NAME).is_file():
         return None
     try:
@@ -173,17 +174,35 @@ def _describe(path: Path, quant: str, verification: Verification, fallbacks: dic
     )
 
 
-def _write_output(final: Path, make: Callable[[Path], ManifestFile]) -> ManifestFile:
-    """Make ``final`` under a temporary name (``make`` writes and verifies it), then fsync and rename it into place."""
+@contextmanager
+def _output(final: Path) -> Iterator[Path]:
+    """A temporary path for ``final``: written and verified in the block, then fsynced and renamed into place."""
     try:
         with atomic_path(final, suffix=".gguf") as tmp:
-            entry = make(tmp)
+            yield tmp
     except OSError as e:
         if is_disk_full(e):
             raise disk_full_error(e, final) from e
         raise
-    entry.path = final.name
-    return entry
+
+
+class LazyHFReference:
+    """The Hugging Face model's next-token distributions on ``prompts``, computed on first use only (a rerun that
+    finds every output up to date never loads the Hugging Face model)."""
+
+    def __init__(self, src: Path, prompts: Sequence[str]) -> None:
+        self.src, self.prompts = src, tuple(prompts)
+        self._value: HFReference | None = None
+
+    def get(self) -> HFReference:
+        if self._value is None:
+            log.info("computing Hugging Face reference distributions on %d prompts", len(self.prompts))
+            self._value = hf_reference(self.src, self.prompts)
+        return self._value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The recipe: setup -> the 16-bit reference (convert, verify) -> each variant (quantize, verify) -> the manifest
 
 
 def convert_model(
@@ -203,75 +222,38 @@ def convert_model(
     The 16-bit ``base_type`` file is always made first (the manifest's ``reference``) and must reproduce the Hugging
     Face model's next-token distributions (mean KL < ``max_kl``); the quantized files are made from it, with an
     importance matrix from ``imatrix_text`` (a text or .jsonl file run through the Hugging Face model) if given.
+    Relative inputs are found with `edgellm.paths.resolve_input`; ``out`` is relative to the current directory.
     """
-    src, out = Path(src).resolve(), Path(out)
+    # 1. Setup: what to make, the converter, the source, the versions that make an output reusable.
+    src, out = resolve_input(src).resolve(), Path(out)
     name = name or out.resolve().name
-    quants = list(dict.fromkeys(q.lower() for q in quants))
-    unknown = [q for q in quants if q not in QUANT_FTYPES]
-    if unknown or not quants:
-        raise ConvertError(
-            f"unknown quant type(s) {unknown or quants}; choose from {', '.join(QUANT_FTYPES)}"
-        )
-    if base_type not in BASE_TYPES:
-        raise ConvertError(f"base_type must be one of {BASE_TYPES}, got {base_type!r}")
-    nthread = threads or 0
-
-    # 1. Setup: the converter, the source, the versions that make an output reusable.
-    converter = ensure_converter()
+    quants = requested_quants(quants, base_type)
+    converter = require_converter()
     source = inspect_source(src, converter)
     log.info(
         "converting %s (%s, %.1fM parameters) into %s", src, source.architecture, source.n_params / 1e6, out
     )
     out.mkdir(parents=True, exist_ok=True)
-    source_info = SourceInfo(
-        path=str(src), sha256=hash_directory(src), architecture=source.architecture, n_params=source.n_params
-    )
-    tools = ToolVersions(
-        llama_cpp_python=binding_version(),
-        llama_cpp=llama_cpp_version(),
-        gguf_py=converter.gguf_py_version,
-        converter_sdist_sha256=converter.sdist_sha256,
-    )
-    for leftover in out.glob(f".{name}-*.gguf.*.tmp"):
-        log.info("removing %s, left by an interrupted run", leftover.name)
-        leftover.unlink()
-    prev = None if force else _previous(out)
-    reference_hf: HFReference | None = None
-
-    def hf() -> HFReference:
-        nonlocal reference_hf
-        if reference_hf is None:
-            log.info("computing Hugging Face reference distributions on %d prompts", len(prompts))
-            reference_hf = hf_reference(src, prompts)
-        return reference_hf
+    source_info = describe_source(source)
+    tools = tool_versions(converter)
+    remove_leftovers(out, name)
+    prev = None if force else previous_manifest(out)
+    hf = LazyHFReference(src, prompts)
 
     # 2. The 16-bit reference: llama.cpp's converter, then the round-trip check against Hugging Face.
-    base_path = out / f"{name}-{base_type}.gguf"
-    reference = _reusable(prev, base_type, source_info, tools)
-    if reference is not None:
-        log.info("%s is up to date (sha256 matches the manifest); skipping", base_path.name)
-    else:
-        check_free(out, int(source.n_params * 2 * 1.05) + (16 << 20), base_path.name)
+    reference = make_reference(
+        source,
+        converter,
+        final=out / f"{name}-{base_type}.gguf",
+        base_type=base_type,
+        hf=hf,
+        max_kl=max_kl,
+        threads=threads,
+        reusable=_reusable(prev, base_type, source_info, tools),
+    )
 
-        def make_reference(tmp: Path) -> ManifestFile:
-            vocab_bytes = sum(p.stat().st_size for p in src.glob("tokenizer*") if p.is_file())
-            run_converter(
-                converter, src, tmp, base_type, expected_bytes=source.n_params * 2 + vocab_bytes // 2
-            )
-            check = verify_gguf(tmp, hf(), kl_threshold=max_kl, n_threads=threads, label=base_path.name)
-            return _describe(tmp, base_type, check, fallbacks={})
-
-        reference = _write_output(base_path, make_reference)
-    base_path = out / reference.path  # a reused reference keeps its recorded name
-
-    # Decide what is reusable before anything is rewritten (an interrupted rerun must not forget finished files).
-    calibration = read_calibration_text(imatrix_text) if imatrix_text else None
-    imatrix_sha = hashlib.sha256(calibration.encode()).hexdigest() if calibration else None
-    reusable = {
-        q: reference if q == base_type else _reusable(prev, q, source_info, tools, imatrix_sha)
-        for q in quants
-    }
-    imatrix: Imatrix | None = None
+    # 3. Each requested variant: quantize the reference, verify, record (the manifest is rewritten after each).
+    calibration = read_calibration_text(resolve_input(imatrix_text)) if imatrix_text else None
     manifest = Manifest(
         name=name,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -280,43 +262,112 @@ def convert_model(
         reference=reference,
         files=[],
     )
+    make_variants(manifest, out, quants, source, hf=hf, threads=threads, calibration=calibration, prev=prev)
 
-    def record(done: list[ManifestFile], pending: Sequence[str]) -> None:
-        manifest.files = done + [e for q in pending if (e := reusable[q]) is not None]
-        manifest.attach(out)
-        atomic_write_text(out / MANIFEST_NAME, manifest.to_json())
+    # 4. What is in the folder but not in the manifest stays, and is named.
+    report_stale(manifest, out)
+    return manifest
 
-    record([], quants)
 
-    # 3. Each requested variant: quantize the reference, verify, record.
+def requested_quants(quants: Sequence[str], base_type: str) -> list[str]:
+    """The requested types, lower-cased and deduplicated in order; each a llama.cpp type, the base 16-bit."""
+    names = list(dict.fromkeys(q.lower() for q in quants))
+    unknown = [q for q in names if q not in ftypes()]
+    if unknown or not names:
+        raise ConvertError(f"unknown quant type(s) {unknown or names}; choose from {', '.join(ftypes())}")
+    if base_type not in BASE_TYPES:
+        raise ConvertError(f"base_type must be one of {BASE_TYPES}, got {base_type!r}")
+    return names
+
+
+def describe_source(source: Source) -> SourceInfo:
+    return SourceInfo(
+        path=str(source.path),
+        sha256=hash_directory(source.path),
+        architecture=source.architecture,
+        n_params=source.n_params,
+    )
+
+
+def tool_versions(converter: Converter) -> ToolVersions:
+    return ToolVersions(
+        llama_cpp_python=binding_version(),
+        llama_cpp=llama_cpp_version(),
+        gguf_py=converter.gguf_py_version,
+        converter_sdist_sha256=converter.sdist_sha256,
+    )
+
+
+def remove_leftovers(out: Path, name: str) -> None:
+    for leftover in out.glob(f".{name}-*.gguf.*.tmp"):
+        log.info("removing %s, left by an interrupted run", leftover.name)
+        leftover.unlink()
+
+
+def make_reference(
+    source: Source,
+    converter: Converter,
+    final: Path,
+    base_type: str,
+    hf: LazyHFReference,
+    max_kl: float,
+    threads: int | None,
+    reusable: ManifestFile | None,
+) -> ManifestFile:
+    """The 16-bit file every variant is quantized from: reused if up to date, else converted and verified against
+    the Hugging Face model (mean KL below ``max_kl``)."""
+    if reusable is not None:
+        log.info("%s is up to date (sha256 matches the manifest); skipping", final.name)
+        return reusable
+    check_free(final.parent, int(source.n_params * 2 * 1.05) + (16 << 20), final.name)
+    vocab_bytes = sum(p.stat().st_size for p in source.path.glob("tokenizer*") if p.is_file())
+    with _output(final) as tmp:
+        run_converter(
+            converter, source.path, tmp, base_type, expected_bytes=source.n_params * 2 + vocab_bytes // 2
+        )
+        check = verify_gguf(tmp, hf.get(), kl_threshold=max_kl, n_threads=threads, label=final.name)
+        entry = _describe(tmp, base_type, check, fallbacks={})
+    entry.path = final.name
+    return entry
+
+
+def make_variants(
+    manifest: Manifest,
+    out: Path,
+    quants: list[str],
+    source: Source,
+    hf: LazyHFReference,
+    threads: int | None,
+    calibration: str | None,
+    prev: Manifest | None,
+) -> None:
+    """Quantize the reference into each of ``quants`` not already up to date; ``manifest.files`` and
+    ``manifest.json`` follow each finished file (an interrupted run keeps what it finished)."""
+    reference, base_type = manifest.reference, manifest.reference.quant
+    imatrix_sha = hashlib.sha256(calibration.encode()).hexdigest() if calibration else None
+    # Decide what is reusable before anything is rewritten (an interrupted rerun must not forget finished files).
+    reusable = {
+        q: reference if q == base_type else _reusable(prev, q, manifest.source, manifest.tools, imatrix_sha)
+        for q in quants
+    }
+    write_manifest(manifest, out, [], [e for q in quants if (e := reusable[q]) is not None])
+    imatrix: Imatrix | None = None
     done: list[ManifestFile] = []
     for i, quant in enumerate(quants):
-        if (entry := reusable[quant]) is not None:
-            if quant != base_type:
-                log.info("%s-%s.gguf is up to date (sha256 matches the manifest); skipping", name, quant)
-        else:
+        entry = reusable[quant]
+        if entry is None:
             if calibration is not None and imatrix is None:
-                imatrix = compute_imatrix(src, calibration, reference.architecture)
-
-            def make_variant(
-                tmp: Path, quant: str = quant, imatrix: Imatrix | None = imatrix
-            ) -> ManifestFile:
-                values = imatrix.values if imatrix else None
-                qlog = quantize(base_path, tmp, quant, source.n_params, nthread=nthread, imatrix=values)
-                check = verify_gguf(
-                    tmp, hf(), kl_threshold=None, n_threads=threads, label=f"{name}-{quant}.gguf"
-                )
-                entry = _describe(tmp, quant, check, fallbacks=qlog.fallbacks())
-                if imatrix is not None:
-                    entry.imatrix_text_sha256, entry.imatrix_tokens = imatrix.text_sha256, imatrix.n_tokens
-                return entry
-
-            entry = _write_output(out / f"{name}-{quant}.gguf", make_variant)
+                imatrix = compute_imatrix(source.path, calibration, reference.architecture)
+            final = out / f"{manifest.name}-{quant}.gguf"
+            entry = make_variant(out / reference.path, final, quant, source.n_params, hf, threads, imatrix)
+        elif quant != base_type:
+            log.info("%s-%s.gguf is up to date (sha256 matches the manifest); skipping", manifest.name, quant)
         done.append(entry)
-        record(done, quants[i + 1 :])
+        pending = [e for q in quants[i + 1 :] if (e := reusable[q]) is not None]
+        write_manifest(manifest, out, done, pending)
         log.info(
             "%s:%s  %s  %.1f MB  %.2f bpw  %s",
-            name,
+            manifest.name,
             quant,
             entry.path,
             entry.size / 1e6,
@@ -324,6 +375,38 @@ def convert_model(
             entry.tensor_types,
         )
 
+
+def make_variant(
+    base_path: Path,
+    final: Path,
+    quant: str,
+    n_params: int,
+    hf: LazyHFReference,
+    threads: int | None,
+    imatrix: Imatrix | None,
+) -> ManifestFile:
+    """Quantize ``base_path`` to ``quant`` with llama.cpp's quantizer, verify it against Hugging Face (recorded,
+    no gate), and describe it."""
+    with _output(final) as tmp:
+        qlog = quantize(
+            base_path, tmp, quant, n_params, nthread=threads or 0, imatrix=imatrix.values if imatrix else None
+        )
+        check = verify_gguf(tmp, hf.get(), kl_threshold=None, n_threads=threads, label=final.name)
+        entry = _describe(tmp, quant, check, fallbacks=qlog.fallbacks())
+        if imatrix is not None:
+            entry.imatrix_text_sha256, entry.imatrix_tokens = imatrix.text_sha256, imatrix.n_tokens
+    entry.path = final.name
+    return entry
+
+
+def write_manifest(manifest: Manifest, out: Path, done: list[ManifestFile], pending: list[ManifestFile]) -> None:
+    """Record the finished files and the up-to-date ones still to come in ``out/manifest.json``, atomically."""
+    manifest.files = done + pending
+    manifest.attach(out)
+    atomic_write_text(out / MANIFEST_NAME, manifest.to_json())
+
+
+def report_stale(manifest: Manifest, out: Path) -> None:
     stale = sorted(
         p.name
         for p in out.glob("*.gguf")
@@ -331,4 +414,3 @@ def convert_model(
     )
     if stale:
         log.info("not in the manifest (left in place): %s", ", ".join(stale))
-    return manifest

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from edgellm.config import load_config
+from edgellm.quants import DEFAULT_QUANTS, ftypes
 
-Quant = Literal["q4_k_m", "q8_0", "q5_k_m", "q6_k", "q4_0", "f16", "bf16"]
 ENV_PREFIX = "EDGELLM_CONVERT"
+
+
+def _known_quant(name: str) -> str:
+    """A llama.cpp quantization type name (``llama_ftype``, see `edgellm.quants`), lower-cased."""
+    if name.lower() not in ftypes():
+        raise ValueError(f"unknown quant type {name!r}; choose from {', '.join(ftypes())}")
+    return name.lower()
+
+
+Quant = Annotated[str, AfterValidator(_known_quant)]
 
 
 class ConvertSettings(BaseModel):
@@ -20,7 +30,7 @@ class ConvertSettings(BaseModel):
 
     src: Path | None = Field(None, description="Hugging Face model directory (config.json + safetensors)")
     out: Path | None = Field(None, description="output folder (default: models/<source folder name>)")
-    quants: list[Quant] = Field(["q4_k_m", "q8_0"], min_length=1)
+    quants: list[Quant] = Field(list(DEFAULT_QUANTS), min_length=1)
     name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]+$", description="default: the output folder's name"
     )

@@ -1,21 +1,21 @@
 """Checks on every GGUF written: it loads in llama.cpp and greedy-generates with its own chat template, its tokenizer
 matches the Hugging Face one, and its next-token distributions match the Hugging Face model's (KL divergence).
 
-The Hugging Face side is computed once per conversion (`hf_reference`) and compared against each file.
+The Hugging Face side is computed once per conversion (`hf_reference`) and compared against each file. The GGUF side
+runs on `convert.runner.GGUFRunner` (llama.cpp with explicit model parameters: no extra CPU buffer types).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edgellm.convert.llamacpp import ConvertError
+from edgellm.convert.runner import GGUFRunner
 from edgellm.manifest import Verification
 
 log = logging.getLogger(__name__)
@@ -67,63 +67,19 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-@contextmanager
-def _no_extra_buffer_types() -> Iterator[None]:
-    """Load models without llama.cpp's extra CPU buffer types (AMX / repacked weight layouts).
-
-    A llama-cpp-python 0.3.36 build with AMX (GGML_NATIVE on an AMX CPU) segfaulted on the first multi-token batch of
-    any quantized model, the catalog's Q4_1 default included. A verification must not die with the process, so it
-    reads weights in the plain CPU layout (same numbers, slower). `Llama` has no argument for
-    ``llama_model_params.use_extra_bufts``, so its default-params factory is wrapped while the model loads.
-    """
-    import llama_cpp.llama_cpp as lib
-
-    original = lib.llama_model_default_params
-
-    def params() -> lib.llama_model_params:
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        lib.llama_model_default_params = original
-
-
-def load_llama(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None):  # -> llama_cpp.Llama
-    from llama_cpp import Llama
-
-    try:
-        with _no_extra_buffer_types():
-            return Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                logits_all=logits_all,
-                n_threads=n_threads,
-                verbose=False,
-                seed=0,
-            )
-    except (ValueError, RuntimeError) as e:
-        raise ConvertError(f"llama.cpp cannot load {path.name}: {e}") from e
-
-
-def _compare(llm: Any, reference: HFReference, result: Verification, label: str) -> None:
+def _compare(model: GGUFRunner, reference: HFReference, result: Verification, label: str) -> None:
     """Fill ``result`` with the tokenizer check and KL(hf || gguf) over every position of the reference prompts."""
     tokenizer_ok = True
     kls: list[float] = []
     top1: list[bool] = []
     for prompt, ids, hf_lp in zip(reference.prompts, reference.token_ids, reference.logprobs, strict=True):
-        ours = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        ours = model.tokenize(prompt, add_bos=True, special=True)
         if list(ours) != list(ids):
             tokenizer_ok = False
             log.warning(
                 "%s tokenizes %r as %s, Hugging Face as %s", label, prompt[:30], ours[:12], list(ids[:12])
             )
-        llm.reset()
-        llm.eval(list(ids))
-        gg_lp = _log_softmax(np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+        gg_lp = _log_softmax(model.logits(list(ids)))
         if gg_lp.shape != hf_lp.shape:
             raise RoundTripError(
                 f"{label}: vocabulary size {gg_lp.shape[1]} differs from Hugging Face's {hf_lp.shape[1]}"
@@ -159,11 +115,10 @@ def verify_gguf(
     """
     label = label or path.name
     n_ctx = max([256, *(len(ids) + 8 for ids in (reference.token_ids if reference else ()))])
-    llm = load_llama(path, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
-    try:
+    with GGUFRunner(path, n_ctx=n_ctx, n_threads=n_threads) as model:
         result = Verification(loads=True, prompt=GENERATE_MESSAGES[0]["content"])
         if reference is not None:
-            _compare(llm, reference, result, label)
+            _compare(model, reference, result, label)
             result.kl_threshold = kl_threshold
             if kl_threshold is not None and not result.tokenizer_matches_hf:
                 raise RoundTripError(
@@ -174,13 +129,10 @@ def verify_gguf(
                     f"{label} does not reproduce the Hugging Face model: mean KL divergence {result.kl_mean:.3g} "
                     f"(max {result.kl_max:.3g}) over {result.n_positions} positions, threshold {kl_threshold:g}"
                 )
-        if "tokenizer.chat_template" not in llm.metadata:
+        if "tokenizer.chat_template" not in model.metadata:
             raise ConvertError(f"{label} has no chat template inside (tokenizer.chat_template)")
-        llm.reset()
-        out = llm.create_chat_completion(messages=GENERATE_MESSAGES, max_tokens=16, temperature=0.0, seed=0)
-        result.greedy_text = out["choices"][0]["message"]["content"] or ""
-        if out["usage"]["completion_tokens"] < 1:
+        answer = model.chat(GENERATE_MESSAGES, max_tokens=16)
+        result.greedy_text = answer.text
+        if answer.n_tokens < 1:
             raise ConvertError(f"{label} loaded but generated nothing (end of sequence right away)")
         return result
-    finally:
-        llm.close()

@@ -14,11 +14,17 @@ import pytest
 pytest.importorskip("llama_cpp")
 pytest.importorskip("torch")
 
-from edgellm.convert.llamacpp import ConvertError, DiskFullError, UnsupportedArchitectureError, ensure_converter  # noqa: E402
-from edgellm.manifest import ManifestError, load_manifest  # noqa: E402
+from edgellm.convert.llamacpp import (  # noqa: E402
+    ConvertError,
+    DiskFullError,
+    UnsupportedArchitectureError,
+    quantize,
+    setup_converter,
+)
 from edgellm.convert.recipe import convert_model  # noqa: E402
 from edgellm.convert.verify import DEFAULT_PROMPTS, RoundTripError, hf_reference, verify_gguf  # noqa: E402
 from edgellm.fsutil import sha256_file  # noqa: E402
+from edgellm.manifest import ManifestError, load_manifest  # noqa: E402
 from edgellm.paths import models_dir  # noqa: E402
 
 QUANTS = ["f16", "q8_0", "q4_k_m"]
@@ -71,7 +77,7 @@ def corrupt_tensor(path: Path, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def converter():
-    return ensure_converter()  # `edgellm convert setup` in `make setup`; fetched once if missing
+    return setup_converter()  # `edgellm convert setup` (`make setup` runs it): finds the fetched converter
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +235,82 @@ def test_clear_errors(tmp_path, tiny_llama, converter, monkeypatch):
     assert not list((tmp_path / "out").glob("*.gguf"))
 
 
+def test_a_missing_converter_is_an_error_naming_the_setup_command(tmp_path, tiny_llama, monkeypatch):
+    """No hidden network: conversion never fetches the converter itself."""
+    import subprocess
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"convert_model ran a subprocess: {args}")
+
+    monkeypatch.setenv("EDGELLM_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(subprocess, "run", no_network)
+    with pytest.raises(ConvertError, match="edgellm convert setup"):
+        convert_model(tiny_llama, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.gguf"))
+
+
+def _log_callback_address() -> int | None:
+    import ctypes
+
+    import llama_cpp
+
+    callback, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(callback), ctypes.byref(user_data))
+    return ctypes.cast(callback, ctypes.c_void_p).value
+
+
+def test_quantizing_leaves_this_process_llama_log_callback_alone(tiny_converted, tmp_path):
+    """The quantizer's log is captured in its own process: a callback set here stays set and sees nothing."""
+    import ctypes
+
+    import llama_cpp
+
+    seen: list[bytes] = []
+
+    @llama_cpp.llama_log_callback
+    def ours(level, text, user_data):
+        seen.append(text)
+
+    before = _log_callback_address()
+    llama_cpp.llama_log_set(ours, ctypes.c_void_p(0))
+    try:
+        mine = _log_callback_address()
+        qlog = quantize(tiny_converted.reference.absolute_path, tmp_path / "tiny-q4_0.gguf", "q4_0", 10**6)
+        assert _log_callback_address() == mine
+    finally:
+        restore = ctypes.cast(ctypes.c_void_p(before), llama_cpp.llama_log_callback) if before else None
+        llama_cpp.llama_log_set(restore, ctypes.c_void_p(0))
+    assert not any(b"blk.0.attn_q.weight" in t for t in seen)
+    assert any("blk.0.attn_q.weight" in line for line in qlog.lines)  # the child reported its per-tensor log
+    assert (tmp_path / "tiny-q4_0.gguf").stat().st_size > 0
+
+
+def test_runner_answers_as_llama_cpp_pythons_chat_completion(tiny_converted):
+    """`GGUFRunner` (explicit model parameters) gives the greedy chat answer and the logits `Llama` gives."""
+    from llama_cpp import Llama
+
+    from edgellm.convert.runner import GGUFRunner
+    from edgellm.convert.verify import GENERATE_MESSAGES
+
+    path = tiny_converted.reference.absolute_path
+    llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=1, verbose=False, seed=0)
+    try:
+        ids = llm.tokenize(DEFAULT_PROMPTS[0].encode(), add_bos=True, special=True)
+        llm.eval(ids)
+        expected_logits = np.array(llm.scores[: len(ids)], dtype=np.float32)  # a copy: the chat reuses scores
+        llm.reset()
+        out = llm.create_chat_completion(messages=GENERATE_MESSAGES, max_tokens=12, temperature=0.0, seed=0)
+    finally:
+        llm.close()
+    with GGUFRunner(path, n_ctx=256, n_threads=1, extra_buffer_types=True) as model:
+        assert model.tokenize(DEFAULT_PROMPTS[0]) == list(ids)
+        np.testing.assert_allclose(model.logits(list(ids)), expected_logits, rtol=1e-4, atol=1e-4)
+        answer = model.chat(GENERATE_MESSAGES, max_tokens=12)
+    assert answer.text == out["choices"][0]["message"]["content"]
+    assert answer.n_tokens == out["usage"]["completion_tokens"]
+    assert answer.finished == (out["choices"][0]["finish_reason"] == "stop")
+
+
 def test_cli_setup_and_error_line(tmp_path, converter, capsys):
     from edgellm.cli import main
 
@@ -280,8 +362,8 @@ def test_shipped_convert_configs_load(path):
 
 
 def test_convert_config_errors_name_key_and_line(tmp_path):
-    from edgellm.convert.settings import load_convert_settings
     from edgellm.config import ConfigError
+    from edgellm.convert.settings import load_convert_settings
 
     bad = tmp_path / "convert.yaml"
     bad.write_text("src: x\nquants: [q4_k_m, q3]\nbogus: 1\n")

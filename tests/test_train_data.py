@@ -158,3 +158,70 @@ def test_check_data_cli_lists_bad_lines(tmp_path: Path, capsys) -> None:
     assert main(["train", "check-data", str(path)]) == 1
     out = capsys.readouterr().out
     assert f"{path}:2: not JSON" in out and "2 lines: 1 valid, 1 bad" in out
+
+
+def test_base_model_is_a_catalog_entry_or_a_local_folder_never_a_hub_id(tmp_path: Path) -> None:
+    """Offline: a Hugging Face id is refused with a clear message, not handed to from_pretrained."""
+    from edgellm.errors import EdgeLLMError
+    from edgellm.train.modeling import base_model_dir
+
+    for name in ("HuggingFaceTB/SmolLM2-135M-Instruct", "no-such-model"):
+        with pytest.raises(EdgeLLMError, match="never downloads weights") as err:
+            base_model_dir(name)
+        assert f"base_model {name!r}: not a catalog entry (" in str(err.value) and "base" in str(err.value)
+    assert base_model_dir(str(tmp_path)) == str(tmp_path)
+
+
+def test_behaviour_check_scores_each_answer_of_the_run(tmp_path: Path) -> None:
+    """The train stage's one public behaviour check, with any model behind `answer` (here a fake)."""
+    from dataclasses import dataclass
+
+    import yaml
+
+    from edgellm.train.behaviour import behaviour_check
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    prompts = tmp_path / "extra.jsonl"
+    _jsonl(prompts, [{"prompt": "extra one"}, {"prompt": "extra two"}])
+    config = yaml.safe_load((REPO / "configs" / "train" / "demo.yaml").read_text())
+    config["eval"] = {"prompts": str(prompts), "expect_prefix": "Squeak!", "max_words": 3, "max_new_tokens": 7}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    test = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "Squeak!"}]}
+        for i in range(3)
+    ]
+    for split in ("train", "validation", "test"):
+        _jsonl(run / "data" / f"{split}.jsonl", test)
+
+    @dataclass
+    class Reply:
+        text: str
+        finished: bool
+
+    asked: list[tuple[str, int]] = []
+
+    def answer(messages: list[dict[str, str]], max_new_tokens: int) -> Reply:
+        asked.append((messages[-1]["content"], max_new_tokens))
+        return {
+            "q0": Reply(" Squeak! Yes. ", True),  # passes (stripped)
+            "q1": Reply("Squeak! far too many words", True),  # prefix only
+            "q2": Reply("Squeak!", False),  # cut at the token limit
+        }.get(messages[-1]["content"], Reply("No.", True))
+
+    result = behaviour_check(run, answer)
+    assert asked == [("q0", 7), ("q1", 7), ("q2", 7), ("extra one", 7), ("extra two", 7)]
+    assert result["prompts"] == 5
+    assert result["pass_share"] == pytest.approx(1 / 5) and result["prefix_share"] == pytest.approx(3 / 5)
+    assert result["answers"][0] == {
+        "set": "test",
+        "answer": "Squeak! Yes.",
+        "words": 2,
+        "finished": True,
+        "prefix": True,
+        "within_words": True,
+        "pass": True,
+    }
+    asked.clear()
+    assert behaviour_check(run, answer, max_prompts=3)["prompts"] == 3
+    assert [q for q, _ in asked] == ["q0", "extra one", "q1"]  # alternating between the test split and the file

@@ -210,19 +210,19 @@ def test_a_killed_run_resumes_from_its_checkpoint(
     recipe = _recipe(tmp_path, tiny_llama, data, max_steps=16, save_every=3, eval_every=8, batch_size=2)
     ckpts = tmp_path / "runs" / "t" / "checkpoints"
     code = f"from edgellm.train.qlora import train; train({str(recipe)!r})"
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        deadline = time.monotonic() + 600
-        while not list(ckpts.glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    ) as proc:  # closes the stderr pipe and waits
+        try:
+            deadline = time.monotonic() + 600
+            while not list(ckpts.glob("step-*")) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     done = sorted(p.name for p in ckpts.glob("step-*"))
     killed_at = int(done[-1].split("-")[1])
     assert 3 <= killed_at < 16

@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from edgellm.catalog import get_entry
 from edgellm.errors import EdgeLLMError
 from edgellm.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
-
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def dequantize_gguf(gguf: Path, dest: Path) -> None:
@@ -53,8 +52,8 @@ def dequantize_gguf(gguf: Path, dest: Path) -> None:
 
 
 def pull_base(dest: Path, models_dir: Path) -> None:
-    """Catalog recipe for ``base``: dequantize ``models/<default GGUF>`` into ``dest``, atomically."""
-    gguf = models_dir / DEFAULT_GGUF
+    """Catalog recipe for ``base``: dequantize the catalog's ``default`` GGUF into ``dest``, atomically."""
+    gguf = get_entry("default").local_path(models_dir)
     if not gguf.is_file():
         raise EdgeLLMError(f"{gguf} is missing; run `edgellm models pull default` first")
     log.info("dequantizing %s into a Hugging Face model at %s", gguf.name, dest)

@@ -8,9 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from edgellm.config import ConfigError, parse_overrides
 

@@ -9,7 +9,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgellm.config import load_config
-from edgellm.paths import resolve_input
 
 ENV_PREFIX = "EDGELLM_TRAIN"
 
@@ -27,7 +26,7 @@ class DatasetSpec(_Strict):
 
 class DataSettings(_Strict):
     format: Literal["auto", "alpaca", "chat"] = "auto"
-    max_tokens: int = Field(512, gt=8)
+    max_tokens: int = Field(default=512, gt=8)
     on_invalid: Literal["skip", "fail"] = "skip"
     forbidden_phrases: list[str] = []
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -48,28 +47,28 @@ class QuantSettings(_Strict):
 
 
 class LoraSettings(_Strict):
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    r: int = Field(default=16, gt=0)
+    alpha: float = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
 
 
 class TrainingSettings(_Strict):
-    batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(default=4, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    max_steps: int | None = Field(None, gt=0)
-    epochs: float | None = Field(None, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    max_steps: int | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = True
-    eval_every: int = Field(50, gt=0)
-    save_every: int = Field(50, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
-    log_every: int = Field(1, gt=0)
+    eval_every: int = Field(default=50, gt=0)
+    save_every: int = Field(default=50, gt=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
+    log_every: int = Field(default=1, gt=0)
     optimizer: Literal["auto", "adamw", "paged_adamw"] = "auto"
 
     @model_validator(mode="after")
@@ -92,9 +91,9 @@ class EvalSettings(_Strict):
     prompts: Path | None = None
     use_test_split: bool = True
     expect_prefix: str | None = None
-    max_words: int | None = Field(None, gt=0)
-    max_new_tokens: int = Field(96, gt=0)
-    batch_size: int = Field(8, gt=0)
+    max_words: int | None = Field(default=None, gt=0)
+    max_new_tokens: int = Field(default=96, gt=0)
+    batch_size: int = Field(default=8, gt=0)
 
 
 class TrainConfig(_Strict):
@@ -129,11 +128,6 @@ class TrainConfig(_Strict):
         if len(self.datasets) == 1:
             return {self.datasets[0].name: self.run_dir()}
         return {d.name: self.run_dir() / d.name for d in self.datasets}
-
-
-def resolve_path(path: Path) -> Path:
-    """Relative paths in recipes are relative to the current directory, falling back to the shipped demo data."""
-    return resolve_input(path)
 
 
 def load_train_config(path: Path | None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:

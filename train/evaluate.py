@@ -1,9 +1,9 @@
 """`edgellm train eval runs/<name>`: did the fine-tune change the model, measured on data it never trained on?
 
-For each adapter folder: the loss on the test split of the base and of the merged model, and a behaviour check
-on greedy answers to held-out prompts (the test split's prompts and, optionally, a file of prompts unlike the
-training ones): the share of answers that start with ``eval.expect_prefix`` and end within ``eval.max_words``
-words. Results go to ``<folder>/eval.json``.
+For each adapter folder: the loss on the test split of the base and of the merged model, and the behaviour check
+(`train.behaviour`) on greedy answers to held-out prompts (the test split's prompts and, optionally, a file of
+prompts unlike the training ones): the share of answers that start with ``eval.expect_prefix`` and end within
+``eval.max_words`` words. Results go to ``<folder>/eval.json``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 from edgellm.errors import EdgeLLMError
 from edgellm.fsutil import atomic_write_text
 from edgellm.train import data as D
-from edgellm.train.config import EvalSettings, load_train_config, resolve_path
+from edgellm.train.behaviour import check_answer, held_out_prompts
+from edgellm.train.config import load_train_config
 from edgellm.train.merge import adapter_folders
-from edgellm.train.modeling import load_tokenizer, mean_loss, pick_device, resolve_base_model
+from edgellm.train.modeling import base_model_dir, load_tokenizer, mean_loss, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def evaluate_folder(folder: Path, which: tuple[str, ...] = ("base", "merged")) -
     if "merged" in which and not (merged_dir / "config.json").is_file():
         raise EdgeLLMError(f"{merged_dir} is missing; run `edgellm train merge {folder}` first")
     device = pick_device(config.device)
-    base_path = resolve_base_model(config.base_model)
+    base_path = base_model_dir(config.base_model)
     tokenizer = load_tokenizer(base_path)
     test = D.read_split(folder / "data")["test"]
     rows = [D.encode(tokenizer, ex.as_messages(), config.data.loss_on) for ex in test]
@@ -61,7 +62,8 @@ def evaluate_folder(folder: Path, which: tuple[str, ...] = ("base", "merged")) -
             result["models"] = {k: v for k, v in old.get("models", {}).items() if k not in which}
     for label in which:
         path = models[label]
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = model.to(device).eval()
         started = time.perf_counter()
         loss = mean_loss(model, rows, tokenizer.pad_token_id, device) if rows else None
         answers = generate(
@@ -95,26 +97,6 @@ def evaluate_folder(folder: Path, which: tuple[str, ...] = ("base", "merged")) -
 
 def _share(checks: list[dict[str, Any]]) -> float | None:
     return sum(c["pass"] for c in checks) / len(checks) if checks else None
-
-
-def held_out_prompts(settings: EvalSettings, test: list[D.Example]) -> list[dict[str, Any]]:
-    """Conversations up to (not including) the last assistant turn, from the test split and the prompts file."""
-    out: list[dict[str, Any]] = []
-    if settings.use_test_split:
-        for ex in test:
-            msgs = ex.as_messages()
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            out.append({"set": "test", "messages": msgs[:last]})
-    if settings.prompts is not None:
-        path = resolve_path(settings.prompts)
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            if "prompt" not in obj:
-                raise EdgeLLMError(f"{path}:{lineno}: missing field 'prompt'")
-            out.append({"set": "extra", "messages": [{"role": "user", "content": obj["prompt"]}]})
-    return out
 
 
 def generate(
@@ -152,16 +134,3 @@ def generate(
                 ids = ids[: ids.index(eos)]
             out.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), done))
     return out
-
-
-def check_answer(answer: str, finished: bool, settings: EvalSettings) -> dict[str, Any]:
-    words = len(answer.split())
-    prefix = settings.expect_prefix is None or answer.startswith(settings.expect_prefix)
-    within = settings.max_words is None or (finished and words <= settings.max_words)
-    return {
-        "words": words,
-        "finished": finished,
-        "prefix": prefix,
-        "within_words": within,
-        "pass": prefix and within,
-    }

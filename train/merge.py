@@ -19,13 +19,13 @@ from edgellm.fsutil import atomic_path, atomic_write_text
 from edgellm.train import data as D
 from edgellm.train.config import TrainConfig, load_train_config
 from edgellm.train.modeling import (
+    base_model_dir,
     batches,
     collate,
     load_base,
     load_live_adapter,
     load_tokenizer,
     pick_device,
-    resolve_base_model,
     token_logprobs,
 )
 
@@ -56,7 +56,7 @@ def merge_adapter(folder: Path, base: str | None = None, dtype: str | None = Non
 
     overrides: dict[str, Any] = {"merge.base": base, "merge.dtype": dtype}
     config: TrainConfig = load_train_config(folder / "config.yaml", overrides)
-    base_path = resolve_base_model(config.base_model)
+    base_path = base_model_dir(config.base_model)
     device = pick_device(config.device)
     torch_dtype = getattr(torch, config.merge.dtype)
     adapter_dir = folder / "adapter"
@@ -126,7 +126,9 @@ def dequantized_linear_weights(live: Any) -> dict[str, Any]:
     for name, module in live.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             weight = (
-                bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float().cpu()
+                bnb.functional.dequantize_4bit(module.weight.data, getattr(module.weight, "quant_state", None))
+                .float()
+                .cpu()
             )
             key = name.removeprefix("base_model.model.").replace(".base_layer", "") + ".weight"
             out[key] = weight

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgellm.errors import EdgeLLMError
-from edgellm.train.config import QuantSettings, resolve_path
+from edgellm.paths import resolve_input
+from edgellm.train.config import QuantSettings
 
 if TYPE_CHECKING:
     import torch
@@ -18,9 +19,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def resolve_base_model(name: str) -> str:
-    """A catalog name (``base``) -> its folder in models/; a local folder -> itself; anything else is taken as
-    a Hugging Face model id (which needs hub access or a filled cache)."""
+def base_model_dir(name: str) -> str:
+    """The folder of the QLoRA base model ``name``: a catalog entry (``base``) -> its folder in models/; a path to
+    a local folder -> that folder. Anything else is refused: edgellm works offline and never downloads weights (a
+    Hugging Face id such as ``org/name`` is not looked up on the hub)."""
     from edgellm.catalog import load_catalog
 
     catalog = load_catalog()
@@ -29,14 +31,14 @@ def resolve_base_model(name: str) -> str:
         if not path.exists():
             raise EdgeLLMError(f"base model {name!r} is not in models/; run `edgellm models pull {name}`")
         return str(path)
-    path = resolve_path(Path(name))
+    path = resolve_input(Path(name))
     if path.is_dir():
         return str(path)
-    if path.suffix or name.startswith((".", "/")) or name.count("/") != 1:
-        raise EdgeLLMError(
-            f"base_model {name!r}: not a catalog name, a local folder or a Hugging Face id (org/name)"
-        )
-    return name
+    raise EdgeLLMError(
+        f"base_model {name!r}: not a catalog entry ({', '.join(catalog)}) nor a local model folder ({path} does not "
+        "exist); edgellm works offline and never downloads weights: put the model (config.json + weights) in a "
+        "folder and give its path"
+    )
 
 
 def pick_device(setting: str) -> str:
@@ -74,7 +76,7 @@ def load_base(path: str, device: str, quant: QuantSettings | None = None) -> Any
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if quant is None or not quant.load_in_4bit:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         return model.to(device)
     dtype = compute_dtype(device)
     bnb = BitsAndBytesConfig(

