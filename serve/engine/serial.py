@@ -25,6 +25,7 @@ from edgellm.serve.engine.base import (
 from edgellm.serve.engine.pool import Job, ModelPool
 from edgellm.serve.engine.prompt import ChatTemplate
 from edgellm.serve.engine.specs import ModelSpec
+from edgellm.serve.engine.tokens import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,10 @@ class SerialModel:
             n_batch=spec.n_batch,
             verbose=False,
         )
-        vocab_tokens = self.llm._model
-        bos = vocab_tokens.token_get_text(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
-        eos = vocab_tokens.token_get_text(self.llm.token_eos()) if self.llm.token_eos() >= 0 else ""
-        self.template = ChatTemplate.from_metadata(self.llm.metadata, bos, eos)
+        self.prompts = PromptTokenizer.from_vocab(
+            self.llm._model.vocab, self.llm._model, self.llm.metadata.get("general.name", "")
+        )
+        self.template = ChatTemplate.for_model(self.llm.metadata, self.prompts)
         self.created = int(time.time())
         self._queue_size = queue_size
         self._waiting: deque[Job] = deque()
@@ -77,8 +78,8 @@ class SerialModel:
 
     # -- request side (event loop) ------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-        return list(tokens)
+        """A raw (completion) prompt's ids, as llama-server tokenizes it; chats go through ``template.tokens``."""
+        return self.prompts.completion(text)
 
     def enqueue(self, job: Job) -> None:
         with self._cond:
