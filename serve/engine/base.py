@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class EngineError(Exception):
@@ -37,6 +37,15 @@ class InvalidPromptError(EngineError):
     """The prompt cannot be rendered or tokenized (e.g. the chat template rejects the messages) (400)."""
 
 
+class InvalidRequestError(EngineError):
+    """The request asks for output the engine cannot produce as asked: a schema keyword it cannot enforce, a
+    grammar llama.cpp does not parse, a tool choice naming no tool (400). ``field`` names the request field."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
 class EngineOverloadedError(EngineError):
     """The wait queue is full (503 unavailable_error, with Retry-After)."""
 
@@ -50,8 +59,30 @@ class EngineUnavailableError(EngineError):
 
 
 @dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar (root rule ``root``) that a request's output must match, for llama.cpp's grammar sampler.
+
+    ``lazy``: unconstrained until a trigger: one of ``trigger_tokens`` is sampled, or the text generated so far
+    matches one of ``trigger_patterns`` (std::regex, ECMAScript; ``^...$``: the whole text, else searched; the
+    grammar applies from the pattern's first capture group on). ``json``: the language is JSON documents (maybe
+    wrapped in fixed text): near the end of ``max_tokens`` the sampler steers to the document's end, keeping
+    ``tail_tokens`` for the fixed text after a document and, between documents (tool calls), ``restart_tokens``
+    for a whole short one."""
+
+    gbnf: str
+    json: bool = False
+    tail_tokens: int = 0
+    restart_tokens: int = 0
+    lazy: bool = False
+    trigger_patterns: tuple[str, ...] = ()
+    trigger_tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling, with llama.cpp's semantics. ``temperature <= 0`` is greedy."""
+    """Per-request sampling, with llama.cpp's semantics. ``temperature <= 0`` is greedy. ``grammar`` constrains
+    the output; ``preserved_tokens`` are special tokens whose text is part of the output (tool-call markers such
+    as ``[TOOL_CALLS]``, as llama-server's ``preserved_tokens``)."""
 
     max_tokens: int = 256
     temperature: float = 0.8
@@ -64,22 +95,53 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: Grammar | None = None
+    preserved_tokens: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
 class ChatMessage:
+    """One message of a chat, in OpenAI's shape. ``tool_calls`` (assistant): OpenAI tool calls,
+    ``{"id", "type": "function", "function": {"name", "arguments": <JSON string>}}``; ``tool_call_id`` (role
+    ``tool``): the call this message answers; ``name``: the function's name on a tool message (optional)."""
+
     role: str
-    content: str
+    content: str | None = None
+    tool_calls: tuple[dict[str, Any], ...] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class NamedTool:
+    """``tool_choice`` naming one function: the answer is a call of it."""
+
+    name: str
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedTool
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Either ``prompt`` (raw text, completions) or ``messages`` (rendered with the model's chat template)."""
+    """Either ``prompt`` (raw text, completions) or ``messages`` (rendered with the model's chat template).
+
+    Structured output (at most one of): ``json_schema``, the answer is a JSON document valid against it
+    (``{"type": "object"}``: any JSON object); ``grammar``, raw GBNF the answer matches.
+    Tools (chat only): ``tools`` in OpenAI's shape (``{"type": "function", "function": {"name", "description",
+    "parameters"}}``); with ``tool_choice`` ``auto`` the model may answer or call tools, ``required`` or a
+    ``NamedTool`` make the answer calls (several only with ``parallel_tool_calls``), ``none`` never calls. Calls
+    come back as ``ToolCallDelta`` events and ``Finished.finish_reason == "tool_calls"``."""
 
     model: str
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
+    json_schema: Any = None
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +181,18 @@ class Finished:
     timings: Timings
 
 
-Event = TextDelta | Finished
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of tool call ``index`` (0, 1, ... in the answer): its first delta has ``id`` and ``name``, the
+    following ones fragments of ``arguments`` (a JSON object's text, complete once all have arrived)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+Event = TextDelta | ToolCallDelta | Finished
 
 
 class Generation(Protocol):
