@@ -166,7 +166,7 @@ def test_rerank_during_a_streaming_chat(server: str) -> None:
     def stream(events: list[str]) -> None:
         with httpx.stream("POST", f"{server}/v1/chat/completions", json=chat, timeout=120) as r:
             for line in r.iter_lines():
-                if line:
+                if line and not line.startswith(":"):  # SSE comments (sse-starlette's keep-alive pings)
                     events.append(line)
                     first_chunk.set()
         stream_done.set()
