@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from edgellm.config import ConfigError, parse_overrides
@@ -17,8 +18,10 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError("edgellm train: --config is required (for example configs/train/demo.yaml)")
     from edgellm.train.qlora import train
 
-    for folder in train(Path(args.config), parse_overrides(args.set)):
-        print(f"run: {folder}")
+    folders = train(Path(args.config), parse_overrides(args.set))
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, every process returns; one reports
+        for folder in folders:
+            print(f"run: {folder}")
     return 0
 
 
@@ -67,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="QLoRA fine-tuning from a YAML recipe, data checks, merge to a 16-bit model",
-        description="Run a QLoRA recipe: edgellm train --config configs/train/demo.yaml [--set key=value ...]",
+        description="Run a QLoRA recipe: edgellm train --config configs/train/demo.yaml [--set key=value ...]; "
+        "on N processes: accelerate launch --multi_gpu --num_processes N -m edgellm train --config ...",
     )
     p.add_argument("--config", help="recipe YAML, e.g. configs/train/demo.yaml")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgellm.config import load_config
+from edgellm.errors import ConfigError
 
 ENV_PREFIX = "EDGELLM_TRAIN"
 
@@ -54,8 +55,18 @@ class LoraSettings(_Strict):
 
 
 class TrainingSettings(_Strict):
-    batch_size: int = Field(default=4, gt=0)
-    grad_accum: int = Field(default=1, gt=0)
+    """One optimizer step sees ``batch_size x processes x grad_accum`` examples (the global batch).
+
+    ``global_batch_size`` fixes that number instead of ``grad_accum``: each process then accumulates
+    ``global_batch_size / (batch_size x processes)`` micro-batches, so one process and N processes under
+    ``accelerate launch`` take the same steps on the same examples (see README, "Scaling out").
+    """
+
+    batch_size: int = Field(default=4, gt=0, description="examples per micro-batch, per process")
+    grad_accum: int = Field(default=1, gt=0, description="micro-batches per process per optimizer step")
+    global_batch_size: int | None = Field(
+        default=None, gt=0, description="examples per optimizer step over all processes; derives grad_accum"
+    )
     lr: float = Field(default=2e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
@@ -75,7 +86,36 @@ class TrainingSettings(_Strict):
     def _length(self) -> TrainingSettings:
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of max_steps and epochs")
+        if self.global_batch_size is not None:
+            if self.grad_accum != 1:
+                raise ValueError("set global_batch_size or grad_accum, not both (grad_accum is derived)")
+            if self.global_batch_size % self.batch_size:
+                raise ValueError(
+                    f"global_batch_size {self.global_batch_size} is not a multiple of batch_size {self.batch_size}"
+                )
         return self
+
+    def accumulation(self, processes: int) -> int:
+        """Micro-batches each of ``processes`` processes runs per optimizer step."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_round = self.batch_size * processes
+        if self.global_batch_size % per_round:
+            share, left = divmod(self.global_batch_size, processes)
+            hint = (
+                f"--set training.batch_size=<a divisor of {share}>"
+                if not left
+                else f"a global_batch_size that is a multiple of {processes}"
+            )
+            raise ConfigError(
+                f"training.global_batch_size: {self.global_batch_size} examples cannot be cut into micro-batches of "
+                f"batch_size {self.batch_size} on {processes} processes; use {hint}"
+            )
+        return self.global_batch_size // per_round
+
+    def global_batch(self, processes: int) -> int:
+        """Examples per optimizer step over all ``processes``."""
+        return self.batch_size * processes * self.accumulation(processes)
 
 
 class MergeSettings(_Strict):

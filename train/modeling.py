@@ -1,11 +1,15 @@
 """Building blocks the train recipes share: resolve and load the base (4-bit or full precision), batch
-tokenized examples, and measure loss. Recipes (qlora.py, merge.py, evaluate.py) compose these."""
+tokenized examples, measure loss, and the processes a run is spread over (``Processes``: one, or the N that
+``accelerate launch`` / ``torchrun`` started). Recipes (qlora.py, merge.py, evaluate.py) compose these."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,11 +55,16 @@ def pick_device(setting: str) -> str:
     return setting
 
 
+def is_cuda(device: str) -> bool:
+    """``cuda`` or ``cuda:<index>`` (one process per GPU)."""
+    return device.split(":")[0] == "cuda"
+
+
 def compute_dtype(device: str) -> torch.dtype:
     """float32 on CPU (bitsandbytes' CPU kernels), bfloat16 on GPUs that have it."""
     import torch
 
-    if device == "cuda":
+    if is_cuda(device):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
@@ -153,10 +162,31 @@ def token_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return logprobs, labels[keep]
 
 
-def mean_loss(
+def target_count(row: dict[str, list[int]]) -> int:
+    """Tokens of ``row`` whose next token is scored (a label other than -100 after the first position)."""
+    return sum(1 for label in row["labels"][1:] if label != -100)
+
+
+def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy summed (not averaged) over the batch's labelled tokens: dividing by the tokens of the whole
+    optimizer step, not of each micro-batch, makes the gradient independent of how the step's examples are cut
+    into micro-batches and processes."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def loss_totals(
     model: Any, rows: Sequence[dict[str, list[int]]], pad_id: int, device: str, batch_size: int = 8
-) -> float:
-    """Mean cross-entropy per labelled token (the model is put in eval mode and left as it was)."""
+) -> tuple[float, int]:
+    """Summed cross-entropy and the number of labelled tokens (the model is put in eval mode and left as it was)."""
     import torch
 
     was_training = model.training
@@ -168,8 +198,117 @@ def mean_loss(
             total += float(-logprobs.gather(1, labels[:, None]).sum())
             count += int(labels.numel())
     model.train(was_training)
+    return total, count
+
+
+def mean_loss(
+    model: Any, rows: Sequence[dict[str, list[int]]], pad_id: int, device: str, batch_size: int = 8
+) -> float:
+    """Mean cross-entropy per labelled token (the model is put in eval mode and left as it was)."""
+    total, count = loss_totals(model, rows, pad_id, device, batch_size)
     return total / max(count, 1)
 
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+# --- processes ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes one run is spread over: just this one, or the ``size`` that ``accelerate launch`` (or
+    ``torchrun``) started, this one being ``rank``. Data-parallel (DDP): every process holds the whole model,
+    trains on its share of each step's examples, and gradients are averaged before each optimizer step."""
+
+    rank: int = 0
+    size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes files and logs metrics."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Each value summed over the processes (float64 on the wire; the same result on every rank)."""
+        if self.size == 1:
+            return [float(v) for v in values]
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return [float(v) for v in t.tolist()]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj`` (any picklable value), in rank order, on every rank."""
+        if self.size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def wrap(self, model: Any) -> Any:
+        """``model`` in DistributedDataParallel when there are several processes, else as it is."""
+        if self.size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        index = int(self.device.split(":")[1]) if is_cuda(self.device) and ":" in self.device else None
+        # Parameters (the 4-bit base included) are broadcast from rank 0 once; the model has no buffers that
+        # change in training, so none are synchronised before each forward.
+        return DistributedDataParallel(
+            model, device_ids=[index] if index is not None else None, forward_sync_buffers=False
+        )
+
+    def no_sync(self, model: Any, sync: bool) -> AbstractContextManager[Any]:
+        """Skip the gradient all-reduce of this backward pass unless ``sync`` (the step's last micro-batch)."""
+        if self.size == 1 or sync:
+            return nullcontext()
+        return model.no_sync()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def join_processes(device_setting: str) -> Processes:
+    """This process's place in the run: alone, or one of those started by ``accelerate launch`` / ``torchrun``
+    (``WORLD_SIZE`` > 1), joined through accelerate's process group set-up: gloo on CPU, NCCL on GPUs (one GPU per
+    process). FSDP and DeepSpeed launches are refused: the recipe's checkpoints assume every process holds the whole
+    adapter and optimizer state."""
+    device = pick_device(device_setting)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes(0, 1, device)
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(flag, "false").lower() == "true":
+            raise EdgeLLMError(
+                f"{name} was asked for (accelerate launch); the QLoRA recipe trains data-parallel (DDP) only: "
+                "launch with `accelerate launch --multi_gpu --num_processes N` (see README, Scaling out)"
+            )
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not is_cuda(device))
+    log.info(
+        "process %d of %d on %s (%s backend)",
+        state.process_index,
+        state.num_processes,
+        state.device,
+        state.backend,
+    )
+    return Processes(
+        state.process_index, state.num_processes, str(state.device) if is_cuda(device) else "cpu"
+    )

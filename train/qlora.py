@@ -5,6 +5,13 @@ fit (evaluation, checkpoints, resume after a kill) -> save the adapter -> merge 
 
 One recipe may name several datasets: each trains its own adapter on the same base, in ``runs/<name>/<dataset>/``
 (a single dataset uses ``runs/<name>/`` itself).
+
+The same recipe runs on N processes under ``accelerate launch`` (DDP; gloo on CPU, NCCL on GPUs). A step takes
+the next ``global batch`` examples of one seeded order over the whole training split, whatever the number of
+processes; each process trains on its share and the loss is summed over tokens and divided by the step's token
+count, so the gradient does not depend on how the step is cut into processes and micro-batches. Rank 0 alone
+writes the run folder, the metrics and the checkpoints (with every rank's random state); all ranks resume from
+the same checkpoint.
 """
 
 from __future__ import annotations
@@ -36,13 +43,18 @@ from edgellm.train.config import (
     load_train_config,
 )
 from edgellm.train.modeling import (
+    Processes,
     base_model_dir,
     collate,
+    is_cuda,
+    join_processes,
     load_base,
     load_tokenizer,
-    mean_loss,
+    loss_totals,
     perplexity,
     pick_device,
+    summed_loss,
+    target_count,
 )
 
 log = logging.getLogger(__name__)
@@ -55,15 +67,18 @@ def train(config_path: Path | None, overrides: Mapping[str, Any] | None = None) 
 
 def finetune(config: TrainConfig) -> list[Path]:
     base_path = base_model_dir(config.base_model)
-    device = pick_device(config.device)
+    procs = join_processes(config.device)
     folders = []
-    for spec, folder in zip(config.datasets, config.adapter_dirs().values(), strict=True):
-        train_adapter(config, spec, folder, base_path, device)
-        if config.merge.enabled:
-            from edgellm.train.merge import merge_adapter
+    try:
+        for spec, folder in zip(config.datasets, config.adapter_dirs().values(), strict=True):
+            train_adapter(config, spec, folder, base_path, procs)
+            if config.merge.enabled and procs.is_main:
+                from edgellm.train.merge import merge_adapter
 
-            merge_adapter(folder)
-        folders.append(folder)
+                merge_adapter(folder)
+            folders.append(folder)
+    finally:
+        procs.close()
     return folders
 
 
@@ -99,36 +114,61 @@ def prepare_data(
     return split
 
 
-def train_adapter(config: TrainConfig, spec: DatasetSpec, folder: Path, base_path: str, device: str) -> Path:
-    """Train one adapter on ``spec`` in ``folder`` (resuming from its last checkpoint); return ``folder/adapter``."""
+def train_adapter(
+    config: TrainConfig, spec: DatasetSpec, folder: Path, base_path: str, procs: Processes | None = None
+) -> Path:
+    """Train one adapter on ``spec`` in ``folder`` (resuming from its last checkpoint); return ``folder/adapter``.
+
+    ``procs``: the processes training together (default: this one alone, on the recipe's device)."""
     t = config.training
-    # --- setup: the run folder, its resolved config, the seeds ---------------------------------------------------
-    prepare_folder(folder, config, spec)
+    procs = procs or Processes(device=pick_device(config.device))
+    global_batch = t.global_batch(procs.size)
+    # --- setup: the run folder, its resolved config, the seeds (rank 0 writes, the others wait) ------------------
+    if procs.is_main:
+        prepare_folder(folder, config, spec)
+    procs.barrier()
     seed_all(config.seed)
 
     # --- data: validated, split (or the split the run started with), tokenized ---------------------------------
     tokenizer = load_tokenizer(base_path)
-    split = prepare_data(config, spec, folder, tokenizer)
+    split = prepare_data(config, spec, folder, tokenizer) if procs.is_main else None
+    procs.barrier()
+    if split is None:  # the other ranks read the split rank 0 wrote
+        split = D.read_split(folder / "data")
     train_rows = encode_examples(tokenizer, split["train"], config.data.loss_on)
     val_rows = encode_examples(tokenizer, split["validation"], config.data.loss_on)
-    total_steps = count_steps(len(train_rows), t)
+    total_steps = count_steps(len(train_rows), t, procs.size)
 
     # --- model: the (4-bit) base with LoRA, its optimizer and schedule ------------------------------------------
-    model = lora_model(base_path, device, config.quantization, config.lora, t.gradient_checkpointing)
+    model = lora_model(base_path, procs.device, config.quantization, config.lora, t.gradient_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    log.info(
-        "LoRA: %.2fM trainable parameters on %s (%s)",
+    (log.info if procs.is_main else log.debug)(
+        "LoRA: %.2fM trainable parameters on %s (%s); global batch %d = %d per micro-batch x %d processes x %d "
+        "accumulated",
         sum(p.numel() for p in trainable) / 1e6,
-        device,
+        procs.device,
         base_path,
+        global_batch,
+        t.batch_size,
+        procs.size,
+        t.accumulation(procs.size),
     )
-    optimizer = _optimizer(t.optimizer, trainable, t.lr, t.weight_decay, device)
+    optimizer = _optimizer(t.optimizer, trainable, t.lr, t.weight_decay, procs.device)
     scheduler = _scheduler(optimizer, t.schedule, t.warmup_steps, total_steps, t.min_lr_ratio)
 
     # --- resume from the last checkpoint, or measure the starting point ------------------------------------------
     state = resume_or_start(
-        folder, model, optimizer, scheduler, config.resume, val_rows, tokenizer.pad_token_id, device
+        folder,
+        model,
+        optimizer,
+        scheduler,
+        config.resume,
+        val_rows,
+        tokenizer.pad_token_id,
+        procs,
+        global_batch,
     )
+    torch_seed_for_rank(config.seed, procs, resumed=state["step"] > 0)
 
     # --- fit: steps, evaluation on the validation split, checkpoints ----------------------------------------------
     fit(
@@ -139,7 +179,7 @@ def train_adapter(config: TrainConfig, spec: DatasetSpec, folder: Path, base_pat
         train_rows,
         val_rows,
         pad_id=tokenizer.pad_token_id,
-        device=device,
+        procs=procs,
         training=t,
         state=state,
         total_steps=total_steps,
@@ -148,8 +188,11 @@ def train_adapter(config: TrainConfig, spec: DatasetSpec, folder: Path, base_pat
         desc=f"train {spec.name}",
     )
 
-    # --- save the adapter ------------------------------------------------------------------------------------
-    return save_adapter(model, tokenizer, folder)
+    # --- save the adapter (rank 0) ------------------------------------------------------------------------------
+    if procs.is_main:
+        save_adapter(model, tokenizer, folder)
+    procs.barrier()
+    return folder / "adapter"
 
 
 def prepare_folder(folder: Path, config: TrainConfig, spec: DatasetSpec) -> None:
@@ -170,17 +213,25 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
 
 
+def torch_seed_for_rank(seed: int, procs: Processes, resumed: bool) -> None:
+    """After the model is built (the same LoRA initialisation everywhere), each rank draws its own dropout masks.
+    A resumed run keeps the random state its checkpoint restored."""
+    if resumed:
+        return
+    import torch
+
+    torch.manual_seed(seed + 1_000_003 * procs.rank)
+
+
 def encode_examples(
     tokenizer: Any, examples: list[D.Example], loss_on: Literal["assistant", "all"]
 ) -> list[dict[str, list[int]]]:
     return [D.encode(tokenizer, ex.as_messages(), loss_on) for ex in examples]
 
 
-def count_steps(n_rows: int, training: TrainingSettings) -> int:
-    """Optimizer steps: ``max_steps``, or ``epochs`` over ``n_rows`` in micro-batches of ``batch_size`` with
-    ``grad_accum`` micro-batches per step."""
-    micro_per_epoch = math.ceil(n_rows / training.batch_size)
-    return training.max_steps or math.ceil((training.epochs or 1) * micro_per_epoch / training.grad_accum)
+def count_steps(n_rows: int, training: TrainingSettings, processes: int = 1) -> int:
+    """Optimizer steps: ``max_steps``, or ``epochs`` over ``n_rows`` examples taken a global batch at a time."""
+    return training.max_steps or math.ceil((training.epochs or 1) * n_rows / training.global_batch(processes))
 
 
 def lora_model(
@@ -218,23 +269,34 @@ def resume_or_start(
     resume: bool,
     val_rows: list[dict[str, list[int]]],
     pad_id: int,
-    device: str,
+    procs: Processes,
+    global_batch: int,
 ) -> dict[str, int]:
     """The loop's position: restored from the latest checkpoint (metrics logged after it are dropped), or step 0
-    with the validation loss before training logged."""
+    with the validation loss before training logged. Every rank reads the same checkpoint."""
     last = latest_checkpoint(folder / "checkpoints") if resume else None
     metrics_path = folder / "metrics.jsonl"
     if last is not None:
-        state = load_checkpoint(last, model, optimizer, scheduler)
-        log.info("resuming from %s (step %d)", last, state["step"])
-        _truncate_metrics(metrics_path, state["step"])
+        state = load_checkpoint(last, model, optimizer, scheduler, procs, global_batch)
+        if procs.is_main:
+            log.info("resuming from %s (step %d)", last, state["step"])
+            _truncate_metrics(metrics_path, state["step"])
+        procs.barrier()
         return state
-    metrics_path.unlink(missing_ok=True)
+    if procs.is_main:
+        metrics_path.unlink(missing_ok=True)
     if val_rows:
-        loss = mean_loss(model, val_rows, pad_id, device)
-        _log_metrics(metrics_path, {"step": 0, "val_loss": loss, "val_ppl": perplexity(loss)})
-        log.info("step 0: validation loss %.4f (perplexity %.2f)", loss, perplexity(loss))
-    return {"step": 0, "epoch": 0, "micro": 0, "tokens": 0}
+        loss = validation_loss(model, val_rows, pad_id, procs)
+        if procs.is_main:
+            _log_metrics(metrics_path, {"step": 0, "val_loss": loss, "val_ppl": perplexity(loss)})
+            log.info("step 0: validation loss %.4f (perplexity %.2f)", loss, perplexity(loss))
+    return {"step": 0, "epoch": 0, "position": 0, "tokens": 0}
+
+
+def validation_loss(model: Any, val_rows: list[dict[str, list[int]]], pad_id: int, procs: Processes) -> float:
+    """Mean loss per labelled token over the validation split, each process scoring its share."""
+    total, count = procs.sum(loss_totals(model, val_rows[procs.rank :: procs.size], pad_id, procs.device))
+    return total / max(count, 1)
 
 
 def fit(
@@ -246,7 +308,7 @@ def fit(
     val_rows: list[dict[str, list[int]]],
     *,
     pad_id: int,
-    device: str,
+    procs: Processes,
     training: TrainingSettings,
     state: dict[str, int],
     total_steps: int,
@@ -254,41 +316,70 @@ def fit(
     seed: int,
     desc: str,
 ) -> None:
-    """Optimizer steps from ``state["step"]`` to ``total_steps``: metrics to ``folder/metrics.jsonl``, validation
-    every ``eval_every`` steps, checkpoints every ``save_every`` (and at the end). Updates ``state``."""
+    """Optimizer steps from ``state["step"]`` to ``total_steps``: metrics to ``folder/metrics.jsonl`` (rank 0),
+    validation every ``eval_every`` steps, checkpoints every ``save_every`` (and at the end). Updates ``state``."""
     t = training
     metrics_path = folder / "metrics.jsonl"
-    model.train()
-    stream = _micro_batches(len(train_rows), t.batch_size, seed, state["epoch"], state["micro"])
-    bar = tqdm(total=total_steps, initial=state["step"], desc=desc, unit="step", file=sys.stderr)
+    ddp = procs.wrap(model)
+    ddp.train()
+    targets = [target_count(row) for row in train_rows]
+    global_batch = t.global_batch(procs.size)
+    stream = _global_batches(len(train_rows), global_batch, seed, state["epoch"], state["position"])
+    bar = tqdm(
+        total=total_steps,
+        initial=state["step"],
+        desc=desc,
+        unit="step",
+        file=sys.stderr,
+        disable=not procs.is_main,
+    )
     while state["step"] < total_steps:
         started = time.perf_counter()
-        done = train_step(model, optimizer, scheduler, trainable, stream, train_rows, pad_id, device, t, state)
+        done = train_step(
+            ddp, optimizer, scheduler, trainable, next(stream), train_rows, targets, pad_id, procs, t, state
+        )
         step = state["step"]
         tok_s = done.tokens / (time.perf_counter() - started)
         bar.update(1)
         bar.set_postfix(loss=f"{done.loss:.4f}", tok_s=f"{tok_s:.0f}")
-        if step % t.log_every == 0 or step == total_steps:
+        if procs.is_main and (step % t.log_every == 0 or step == total_steps):
             _log_metrics(
                 metrics_path,
                 {"step": step, "loss": done.loss, "lr": done.lr, "tokens_per_s": tok_s, "epoch": done.epoch},
             )
         if val_rows and (step % t.eval_every == 0 or step == total_steps):
-            val = mean_loss(model, val_rows, pad_id, device)
-            _log_metrics(metrics_path, {"step": step, "val_loss": val, "val_ppl": perplexity(val)})
-            bar.write(
-                f"step {step}: validation loss {val:.4f} (perplexity {perplexity(val):.2f})", file=sys.stderr
-            )
+            val = validation_loss(model, val_rows, pad_id, procs)
+            if procs.is_main:
+                _log_metrics(metrics_path, {"step": step, "val_loss": val, "val_ppl": perplexity(val)})
+                bar.write(
+                    f"step {step}: validation loss {val:.4f} (perplexity {perplexity(val):.2f})",
+                    file=sys.stderr,
+                )
         if step % t.save_every == 0 or step == total_steps:
-            save_checkpoint(folder / "checkpoints", model, optimizer, scheduler, state, t.keep_checkpoints)
+            save_checkpoint(
+                folder / "checkpoints",
+                model,
+                optimizer,
+                scheduler,
+                state,
+                t.keep_checkpoints,
+                procs,
+                global_batch,
+            )
     bar.close()
 
 
 class StepResult(NamedTuple):
-    loss: float  # summed over the step's micro-batches (each divided by grad_accum)
-    tokens: int
-    epoch: int  # of the step's last micro-batch
+    loss: float  # mean per labelled token over the whole step (all processes)
+    tokens: int  # over all processes
+    epoch: int  # the epoch the next step starts in
     lr: float  # the learning rate the step used
+
+
+class GlobalBatch(NamedTuple):
+    indices: list[int]  # the step's examples, in the run's one order, for all processes together
+    epoch: int  # where the next step starts
+    position: int
 
 
 def train_step(
@@ -296,25 +387,30 @@ def train_step(
     optimizer: Any,
     scheduler: Any,
     trainable: list[Any],
-    stream: Iterator[tuple[int, int, list[int]]],
+    batch: GlobalBatch,
     train_rows: list[dict[str, list[int]]],
+    targets: list[int],
     pad_id: int,
-    device: str,
+    procs: Processes,
     training: TrainingSettings,
     state: dict[str, int],
 ) -> StepResult:
-    """One optimizer step over ``grad_accum`` micro-batches; advances ``state`` (step, tokens, data position)."""
+    """One optimizer step on ``batch``: this process's micro-batches of it, gradients of the loss summed over
+    tokens and divided by the labelled tokens of the whole global batch (DDP averages over processes, hence the
+    ``procs.size`` factor); advances ``state`` (step, tokens, data position)."""
     import torch
 
-    step_loss, step_tokens, epoch = 0.0, 0, state["epoch"]
-    for _ in range(training.grad_accum):
-        epoch, micro, idx = next(stream)
-        batch = collate([train_rows[i] for i in idx], pad_id, device)
-        loss = model(**batch).loss / training.grad_accum
-        loss.backward()
+    mine = shard(batch.indices, procs.rank, procs.size, training.batch_size)
+    scale = procs.size / max(1, sum(targets[i] for i in batch.indices))
+    step_loss, step_tokens = 0.0, 0
+    for k, idx in enumerate(mine):
+        micro = collate([train_rows[i] for i in idx], pad_id, procs.device)
+        with procs.no_sync(model, sync=k == len(mine) - 1):
+            loss = summed_loss(model, micro)
+            (loss * scale).backward()
         step_loss += loss.item()
-        step_tokens += int(batch["attention_mask"].sum())
-        state["epoch"], state["micro"] = epoch, micro
+        step_tokens += int(micro["attention_mask"].sum())
+    step_loss, tokens = procs.sum([step_loss * scale / procs.size, step_tokens])
     if training.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(trainable, training.max_grad_norm)
     lr = scheduler.get_last_lr()[0]
@@ -322,8 +418,16 @@ def train_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     state["step"] += 1
-    state["tokens"] += step_tokens
-    return StepResult(loss=step_loss, tokens=step_tokens, epoch=epoch, lr=lr)
+    state["tokens"] += int(tokens)
+    state["epoch"], state["position"] = batch.epoch, batch.position
+    return StepResult(loss=step_loss, tokens=int(tokens), epoch=batch.epoch, lr=lr)
+
+
+def shard(indices: list[int], rank: int, size: int, batch_size: int) -> list[list[int]]:
+    """This rank's micro-batches of a global batch: micro-batch ``k`` of rank ``r`` is the ``k * size + r``-th
+    slice of ``batch_size`` examples (every rank gets the same number; their union is the global batch)."""
+    chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    return chunks[rank::size]
 
 
 def save_adapter(model: Any, tokenizer: Any, folder: Path) -> Path:
@@ -341,9 +445,9 @@ def _optimizer(kind: str, params: list[Any], lr: float, weight_decay: float, dev
     import torch
 
     if kind == "auto":
-        kind = "paged_adamw" if device == "cuda" else "adamw"
+        kind = "paged_adamw" if is_cuda(device) else "adamw"
     if kind == "paged_adamw":
-        if device != "cuda":
+        if not is_cuda(device):
             raise EdgeLLMError("training.optimizer: paged_adamw needs a CUDA device; use adamw on CPU")
         import bitsandbytes as bnb
 
@@ -370,21 +474,27 @@ def _schedule(kind: str, warmup: int, total: int, floor: float) -> Any:
     return factor
 
 
-def _micro_batches(
-    n: int, size: int, seed: int, epoch: int, start: int
-) -> Iterator[tuple[int, int, list[int]]]:
-    """Yield ``(epoch, position after this batch, indices)`` forever; each epoch has its own seeded order, so a
-    resumed run sees exactly the batches it would have seen."""
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+def _global_batches(n: int, size: int, seed: int, epoch: int, position: int) -> Iterator[GlobalBatch]:
+    """The next ``size`` examples of the run's one order, forever, with where the following batch starts. Each
+    epoch has its own seeded order and a batch runs on into the next epoch, so every step has the same number of
+    examples and a resumed run (on any number of processes) sees exactly the batches it would have seen."""
+    order = epoch_order(n, seed, epoch)
     while True:
-        order = list(range(n))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        chunks = [order[i : i + size] for i in range(0, n, size)]
-        for j in range(start, len(chunks)):
-            if j + 1 == len(chunks):
-                yield epoch + 1, 0, chunks[j]
-            else:
-                yield epoch, j + 1, chunks[j]
-        epoch, start = epoch + 1, 0
+        indices: list[int] = []
+        while len(indices) < size:
+            take = order[position : position + size - len(indices)]
+            indices += take
+            position += len(take)
+            if position == n:
+                epoch, position = epoch + 1, 0
+                order = epoch_order(n, seed, epoch)
+        yield GlobalBatch(indices, epoch, position)
 
 
 def _log_metrics(path: Path, row: dict[str, Any]) -> None:
@@ -419,7 +529,7 @@ def _check_same_recipe(saved: Path, config: TrainConfig) -> None:
     old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
     new = config.model_dump(mode="json")
     changed = [k for k in _IDENTITY_KEYS if k in old and old[k] != new[k]]
-    for k in ("batch_size", "grad_accum"):
+    for k in ("batch_size", "grad_accum", "global_batch_size"):
         if old.get("training", {}).get(k) not in (None, new["training"][k]):
             changed.append(f"training.{k}")
     if changed:
@@ -438,39 +548,101 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def save_checkpoint(
-    ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, int], keep: int
+    ckpt_dir: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, int],
+    keep: int,
+    procs: Processes | None = None,
+    global_batch: int | None = None,
 ) -> Path:
-    """Adapter weights, optimizer, scheduler, RNG and data position, written atomically (a kill mid-write leaves
-    the previous checkpoint as the latest)."""
+    """Adapter weights, optimizer, scheduler, every rank's RNG and the data position, written atomically by rank 0
+    (a kill mid-write leaves the previous checkpoint as the latest). The adapter and optimizer are the same on every
+    rank (DDP); only the random states differ, and they are gathered."""
     import torch
 
+    procs = procs or Processes()
     final = ckpt_dir / f"step-{state['step']:07d}"
-    with atomic_path(final) as tmp:
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp)
-        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-            tmp / "trainer.pt",
-        )
-        (tmp / "state.json").write_text(json.dumps(state))
-    for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    rngs = procs.gather(_rng_state(procs.device))
+    if procs.is_main:
+        with atomic_path(final) as tmp:
+            tmp.mkdir(parents=True)
+            model.save_pretrained(tmp)
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rngs},
+                tmp / "trainer.pt",
+            )
+            meta = {"processes": procs.size, "global_batch": global_batch}
+            (tmp / "state.json").write_text(json.dumps(state | meta))
+        for old in sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(folder: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, int]:
+def load_checkpoint(
+    folder: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    procs: Processes | None = None,
+    global_batch: int | None = None,
+) -> dict[str, int]:
+    """Restore a checkpoint on this rank. The global batch must be the one the run started with; the number of
+    processes may differ (the data position is global), but then dropout draws new masks."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    procs = procs or Processes()
+    state = dict(json.loads((folder / "state.json").read_text()))
+    if "position" not in state:
+        raise EdgeLLMError(
+            f"{folder} was written by an earlier edgellm (data position in micro-batches); "
+            "pass --set resume=false to start over"
+        )
+    saved_procs = int(state.pop("processes", 1))
+    saved_global = state.pop("global_batch", None)
+    if saved_global is not None and global_batch is not None and saved_global != global_batch:
+        raise EdgeLLMError(
+            f"{folder} was written with a global batch of {saved_global} examples, this launch makes "
+            f"{global_batch}; set training.global_batch_size: {saved_global} (or --set resume=false)"
+        )
     set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
     saved = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    if "cuda" in saved["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return dict(json.loads((folder / "state.json").read_text()))
+    rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
+    if saved_procs == procs.size and len(rngs) == procs.size:
+        _set_rng_state(rngs[procs.rank])
+    else:
+        log.warning(
+            "%s was written by %d process(es), this run has %d: the data continues where it was, dropout masks "
+            "are drawn afresh",
+            folder,
+            saved_procs,
+            procs.size,
+        )
+        torch.manual_seed(1_000_003 * (state["step"] * procs.size + procs.rank + 1))
+    return state
+
+
+def _rng_state(device: str) -> dict[str, Any]:
+    import torch
+
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if is_cuda(device):
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        cuda = rng["cuda"]
+        if isinstance(cuda, list):  # single-process checkpoints of earlier versions: every device's state
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            torch.cuda.set_rng_state(cuda)
