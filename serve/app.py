@@ -21,6 +21,7 @@ from edgellm.serve.errors import exception_handlers
 from edgellm.serve.http import RerankerState, ServerState
 from edgellm.serve.routes.generate import chat_completions, completions
 from edgellm.serve.routes.info import health, list_models
+from edgellm.serve.routes.page import chat_page
 from edgellm.serve.routes.rerank import rerank
 from edgellm.serve.settings import RerankerSettings, ServeSettings
 
@@ -114,6 +115,7 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory | None = N
                 await asyncio.to_thread(state.reranker.model.close)
 
     routes = [
+        Route("/", chat_page, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
