@@ -1,5 +1,5 @@
-# edgellm, CPU image: serves GGUF models (no torch unless EXTRAS includes rerank).
-# Build:  docker build -t edgellm:cpu .            (add --build-arg EXTRAS=serve,rerank for /v1/rerank)
+# edgellm, CPU image: serves GGUF models, GGUF embeddings and GGUF reranking (no torch unless EXTRAS includes rerank).
+# Build:  docker build -t edgellm:cpu .            (--build-arg EXTRAS=serve,rerank: the sentence-transformers reranker)
 # Run:    docker compose up                          (models/ is mounted read-only)
 # The image runs the same install steps as `make install`.
 

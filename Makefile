@@ -36,10 +36,11 @@ $(VENV)/.installed: pyproject.toml
 
 # Idempotent: present and verified models are kept, the converter is fetched once.
 #   default:  the GGUF `make serve` serves;  base: its Hugging Face form, for training and conversion tests;
-#   reranker: the default cross-encoder, trained here in a few minutes from the packaged MiniLM.
+#   reranker: the default cross-encoder, trained here in a few minutes from the packaged MiniLM;
+#   embedder, reranker-gguf: the packaged MiniLM and that cross-encoder as GGUFs (no torch at serve time).
 models: install
-	$(EDGELLM) models pull default base reranker gemma3-270m
 	$(EDGELLM) convert setup
+	$(EDGELLM) models pull default base reranker gemma3-270m embedder reranker-gguf
 
 serve: setup
 	$(EDGELLM) serve --config configs/serve.yaml

@@ -1,5 +1,6 @@
-"""`edgellm bench quant|serve|engines`: a thin layer over `bench.quant.bench_quant`, `bench.loadtest.bench_serve`
-and `bench.engine_speed.compare_engines`.
+"""`edgellm bench quant|serve|engines|grammar|rerank|embed`: a thin layer over `bench.quant.bench_quant`,
+`bench.loadtest.bench_serve`, `bench.engine_speed.compare_engines`, `bench.grammar_speed.compare_grammar_speed` and
+`bench.retrieval_speed.bench_retrieval`.
 
 edgellm bench quant models/demo/ --out reports/demo/
 edgellm bench serve --url http://127.0.0.1:8000 --concurrency 1,2,4,8 --requests 32 --out reports/serve/
@@ -85,6 +86,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", type=Path, default=None, help="folder for engines.json, engines.md and engines.png")
     e.set_defaults(func=_engines)
 
+    g = bsub.add_parser(
+        "grammar",
+        help="decode speed with a JSON-schema grammar (small and large schema) vs the same requests without",
+        description="The batched engine in-process on one model: the same chat requests with no grammar, a small "
+        "and a large JSON schema, the variants taking turns round by round at each level of concurrency. Prints "
+        "decode tok/s and the ratio to no grammar; --out also writes JSON, Markdown and a chart.",
+    )
+    g.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), help="a GGUF file")
+    g.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default: 2)")
+    g.add_argument("--tokens", type=int, default=96, help="max_tokens per answer (default: 96)")
+    g.add_argument("--rounds", type=int, default=3, help="rounds per level (default: 3)")
+    g.add_argument("--streams", type=_int_list, default=[1, 4], help="concurrent streams (default: 1,4)")
+    g.add_argument("--out", type=Path, default=None, help="folder for grammar.json, grammar.md and grammar.png")
+    g.set_defaults(func=_grammar)
+
+    for kind, what in (("rerank", "/v1/rerank"), ("embed", "/v1/embeddings")):
+        r = bsub.add_parser(
+            kind,
+            help=f"{what}: the llama.cpp GGUF backend vs sentence-transformers (speed, start-up, RSS, chat beside it)",
+            description=f"Each backend of {what} behind its own real `edgellm serve` on a loopback port, one after the "
+            "other: start-up to ready, documents/s and latency over batches of general-domain passages, peak RSS, and "
+            "chat decode speed alone and while retrieval requests run alongside. --out writes JSON, Markdown, a chart.",
+        )
+        r.add_argument("--gguf", type=Path, default=None, help="the llama.cpp model (default: the pulled GGUF)")
+        r.add_argument("--st", type=Path, default=None, help="the sentence-transformers directory (default: the shipped one)")
+        r.add_argument("--chat-model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), help="a GGUF")
+        r.add_argument("--requests", type=int, default=20, help="measured requests per backend (default: 20)")
+        r.add_argument("--batch", type=int, default=32, help="documents per request (default: 32)")
+        r.add_argument("--threads", type=int, default=1, help="retrieval threads (default: 1)")
+        r.add_argument("--chat-tokens", type=int, default=128, help="tokens of the chat answer measured (default: 128)")
+        r.add_argument("--out", type=Path, default=None, help=f"folder for {kind}.json, {kind}.md and {kind}.png")
+        r.set_defaults(func=_retrieval, kind=kind)
+
 
 def _quant(args: argparse.Namespace) -> int:
     from edgellm.bench.quant import bench_quant
@@ -143,6 +177,41 @@ def _engines(args: argparse.Namespace) -> int:
         out=args.out,
     )
     return _print_report(engines_table(result), result.files)
+
+
+def _grammar(args: argparse.Namespace) -> int:
+    from edgellm.bench.grammar_speed import compare_grammar_speed, grammar_table
+
+    result = compare_grammar_speed(
+        model=args.model,
+        threads=args.threads,
+        n_tokens=args.tokens,
+        rounds=args.rounds,
+        streams=args.streams,
+        out=args.out,
+    )
+    return _print_report(grammar_table(result), result.files)
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    from edgellm.bench.retrieval_speed import bench_retrieval, default_models, table
+
+    models = default_models(args.kind)
+    if args.gguf is not None:
+        models["llama.cpp"] = args.gguf
+    if args.st is not None:
+        models["sentence-transformers"] = args.st
+    result = bench_retrieval(
+        args.kind,
+        models=models,
+        chat_model=args.chat_model,
+        requests=args.requests,
+        batch=args.batch,
+        threads=args.threads,
+        chat_tokens=args.chat_tokens,
+        out=args.out,
+    )
+    return _print_report(table(result), result.files)
 
 
 def _print_report(table: str, files: dict[str, str]) -> int:

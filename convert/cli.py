@@ -1,8 +1,10 @@
-"""`edgellm convert`: a thin layer over `convert.recipe.convert_model` and `convert.llamacpp.setup_converter`.
+"""`edgellm convert`: a thin layer over `convert.recipe.convert_model`, `convert.encoder.convert_encoder` and
+`convert.llamacpp.setup_converter`.
 
 edgellm convert setup                                   # fetch llama.cpp's converter into the cache (idempotent)
 edgellm convert runs/demo/merged --quant q4_k_m q8_0 --out models/demo/
 edgellm convert --config configs/convert.yaml            # the same, from a YAML that mirrors convert_model
+edgellm convert models/reranker-minilm-l6 --out models/reranker-minilm-l6-gguf   # an encoder: f16 + parity.json
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,6 +86,8 @@ def _run(args: argparse.Namespace) -> int:
     if settings.src is None:
         raise ConvertError("no model directory: pass HF_MODEL_DIR or a --config with `src:`")
     out = settings.out or models_dir() / resolve_input(settings.src).resolve().name
+    if (kind := _encoder_kind(resolve_input(settings.src))) is not None:
+        return _convert_encoder(settings, out, kind, quants_given=args.quants is not None)
     manifest = convert_model(
         settings.src,
         out,
@@ -113,4 +118,37 @@ def _run(args: argparse.Namespace) -> int:
                 f"  {r['model']:<24} behaviour pass share {r['pass_share']:.3f} over {r['prompts']} prompts"
             )
         print(f"behaviour: {out / 'behaviour.json'}")
+    return 0
+
+
+def _encoder_kind(src: Path) -> str | None:
+    import json
+
+    from edgellm.convert.encoder import encoder_kind
+
+    config = src / "config.json"
+    if not config.is_file():
+        return None
+    return encoder_kind(json.loads(config.read_text(encoding="utf-8")))
+
+
+def _convert_encoder(settings: object, out: Path, kind: str, quants_given: bool) -> int:
+    """An embedding model or cross-encoder: llama.cpp's converter writes each type itself (f16 by default), each
+    checked against sentence-transformers (`convert.encoder`)."""
+    from edgellm.convert.encoder import convert_encoder
+
+    s: Any = settings
+    record = convert_encoder(
+        s.src,
+        out,
+        outtypes=s.quants if quants_given else ("f16",),
+        name=s.name,
+        threads=s.threads,
+        force=bool(s.force),
+    )
+    print(f"{record.name}: {kind} from {record.source['path']} ({record.source['architecture']})")
+    for f in record.files:
+        figures = ", ".join(f"{k} {v:.6f}" if isinstance(v, float) else f"{k} {v}" for k, v in f.parity.items())
+        print(f"  {f.path}  {f.size / 1e6:8.1f} MB  parity: {figures}")
+    print(f"parity: {out / 'parity.json'}")
     return 0

@@ -212,10 +212,18 @@ def disk_full_error(e: OSError, where: Path) -> DiskFullError:
 
 
 def run_converter(
-    converter: Converter, src: Path, dst: Path, outtype: str = "f16", expected_bytes: int = 0
+    converter: Converter,
+    src: Path,
+    dst: Path,
+    outtype: str = "f16",
+    expected_bytes: int = 0,
+    module: str | None = None,
 ) -> None:
-    """Run ``convert_hf_to_gguf.py src --outtype outtype --outfile dst`` with a progress bar on the bytes written."""
-    cmd = [sys.executable, str(converter.script), str(src), "--outtype", outtype, "--outfile", str(dst)]
+    """Run ``convert_hf_to_gguf.py src --outtype outtype --outfile dst`` with a progress bar on the bytes written.
+    ``module``: run ``python -m module <converter root> ...`` instead, a wrapper that adjusts the converter's model
+    classes before running its script (`convert.encoder_converter`)."""
+    entry = ["-m", module, str(converter.root)] if module else [str(converter.script)]
+    cmd = [sys.executable, *entry, str(src), "--outtype", outtype, "--outfile", str(dst)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("NO_LOCAL_GGUF", None)  # always use the gguf-py that ships with this converter
     log.debug("running %s", " ".join(cmd))

@@ -51,8 +51,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="serve this GGUF (or every variant of a convert manifest.json) instead of the configured models; repeatable",
     )
-    p.add_argument("--reranker", type=Path, metavar="DIR", help="serve this cross-encoder directory at /v1/rerank")
-    p.add_argument("--no-reranker", action="store_true", help="do not load the configured reranker (no torch)")
+    p.add_argument(
+        "--reranker",
+        type=Path,
+        metavar="PATH",
+        help="serve this cross-encoder at /v1/rerank: a .gguf (llama.cpp) or a sentence-transformers directory",
+    )
+    p.add_argument("--no-reranker", action="store_true", help="do not load the configured reranker")
+    p.add_argument("--embedder", type=Path, metavar="GGUF", help="serve this embedding GGUF at /v1/embeddings")
+    p.add_argument("--no-embedder", action="store_true", help="do not load the configured embedder")
     p.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override any key, e.g. models.0.n_ctx=2048"
     )
@@ -76,15 +83,19 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, f"opt_{name}")
         if value is not None:
             overrides[name] = parse_scalar(value)
-    overrides.update(parse_overrides(args.sets))
     if args.model_paths:
         template = ModelSettings.model_validate({"name": "x", "path": "x"})
         overrides["models"] = models_from_paths(args.model_paths, template)
     if args.reranker:
         overrides["reranker"] = {"path": str(args.reranker)}
+    if args.embedder:
+        overrides["embedder"] = {"path": str(args.embedder)}
+    overrides.update(parse_overrides(args.sets))  # last: `--set` refines what --model/--reranker/--embedder gave
     settings = load_serve_settings(config, overrides)
     if args.no_reranker:
         settings = settings.model_copy(update={"reranker": None})
+    if args.no_embedder:
+        settings = settings.model_copy(update={"embedder": None})
     return settings
 
 

@@ -15,6 +15,7 @@ from edgellm.serve.engine.base import (
     EngineOverloadedError,
     EngineUnavailableError,
     InvalidPromptError,
+    InvalidRequestError,
     UnknownModelError,
 )
 
@@ -55,7 +56,7 @@ def _engine_error_to_api(exc: EngineError) -> APIError:
         return APIError(404, str(exc), NOT_FOUND)
     if isinstance(exc, ContextOverflowError):
         return APIError(400, str(exc), EXCEED_CONTEXT)
-    if isinstance(exc, InvalidPromptError):
+    if isinstance(exc, InvalidPromptError | InvalidRequestError):
         return APIError(400, str(exc), INVALID_REQUEST)
     if isinstance(exc, EngineOverloadedError):
         return APIError(503, str(exc), UNAVAILABLE, {"Retry-After": str(exc.retry_after)})

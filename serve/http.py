@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 from starlette.requests import Request
@@ -14,29 +14,49 @@ from edgellm.serve.errors import AUTHENTICATION, NOT_SUPPORTED, UNAVAILABLE, API
 from edgellm.serve.settings import ServeSettings
 
 if TYPE_CHECKING:
-    from edgellm.serve.engine.rerank import CrossEncoderReranker
+    from edgellm.serve.engine.embed import Embedder
+    from edgellm.serve.engine.rerank import Reranker
+
+M = TypeVar("M")
 
 
 @dataclass
-class RerankerState:
-    """The configured reranker as the routes see it. The lifespan builds it and loads the model in the background:
-    ``model`` is None until it is loaded (``error`` says why, if it failed). ``limiter`` lets one rerank at a time
-    run in a worker thread (the reranker serializes its calls anyway; the others wait without holding a thread)."""
+class ModelState(Generic[M]):
+    """A configured reranker or embedder as the routes see it. The lifespan builds it and loads the model in the
+    background: ``model`` is None until it is loaded (``error`` says why, if it failed). ``limiter`` lets one call at
+    a time run in a worker thread (the model serializes its calls anyway; the others wait without holding a
+    thread)."""
 
     limiter: anyio.CapacityLimiter
-    model: CrossEncoderReranker | None = None
+    model: M | None = None
     error: str | None = None
+
+    def ready(self, what: str) -> M:
+        """The loaded model, or a 503 that says whether it is still loading or why it failed."""
+        if self.model is not None:
+            return self.model
+        if self.error:
+            raise APIError(503, f"the {what} failed to load: {self.error}", UNAVAILABLE)
+        raise APIError(503, f"the {what} is still loading; retry shortly", UNAVAILABLE, {"Retry-After": "1"})
+
+
+if TYPE_CHECKING:
+    RerankerState = ModelState[Reranker]
+    EmbedderState = ModelState[Embedder]
+else:
+    RerankerState = EmbedderState = ModelState
 
 
 @dataclass
 class ServerState:
-    """Everything the routes need, built by the lifespan (no globals). ``reranker`` is None when no reranker is
-    configured."""
+    """Everything the routes need, built by the lifespan (no globals). ``reranker`` (``embedder``) is None when no
+    reranker (embedder) is configured."""
 
     settings: ServeSettings
     engine: Engine | None = None
     load_error: str | None = None
     reranker: RerankerState | None = None
+    embedder: EmbedderState | None = None
 
     @property
     def ready(self) -> bool:

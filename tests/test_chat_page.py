@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def server(default_gguf: Any) -> Iterator[str]:
     # one slot: if Stop did not free it, the next request would wait for the aborted 2000-token answer
-    with running_server("--set", "models.0.n_ctx=2048", "--set", "slots=1", "--no-reranker") as url:
+    with running_server("--set", "models.0.n_ctx=2048", "--set", "slots=1", "--no-reranker", "--no-embedder") as url:
         yield url
 
 

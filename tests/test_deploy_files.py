@@ -39,3 +39,17 @@ def test_makefile_install_honours_venv_and_extras() -> None:
     assert "-e '.[$(EXTRAS)]'" in text
     assert ".ci/run" not in text
     assert (REPO / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def test_the_torchless_image_serves_the_configured_retrieval_models() -> None:
+    """The image installs EXTRAS=serve (no torch): the shipped config's reranker and embedder must be GGUFs run by
+    llama.cpp, and the compose service must not switch them off."""
+    from edgellm.serve.settings import load_serve_settings
+
+    settings = load_serve_settings(REPO / "configs" / "serve.yaml", {}, environ={})
+    assert settings.reranker is not None and settings.reranker.resolved_backend() == "llama.cpp"
+    assert settings.embedder is not None and settings.embedder.resolved_backend() == "llama.cpp"
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    env = compose["services"]["edgellm"]["environment"]
+    assert "EDGELLM_SERVE__RERANKER" not in env and "EDGELLM_SERVE__EMBEDDER" not in env
+    assert re.search(r"EXTRAS:\s*serve\s*$", (REPO / "docker-compose.yml").read_text(), flags=re.M)

@@ -411,7 +411,8 @@ def test_models_of_one_engine_decode_on_one_thread(default_gguf: Path, monkeypat
 # -- through the real server ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def one_slot_server(default_gguf: Path) -> Iterator[str]:
-    args = ("--engine", "batched", "--set", "slots=1", "--set", "queue_size=0", "--set", f"models.0.n_ctx={N_CTX}")
+    args = ("--engine", "batched", "--set", "slots=1", "--set", "queue_size=0", "--set", f"models.0.n_ctx={N_CTX}",
+            "--no-reranker", "--no-embedder")
     with running_server(*args) as url:
         yield url
 

@@ -1,7 +1,8 @@
-"""POST /v1/rerank on a real `edgellm serve` (uvicorn, the default GGUF for chat, the default cross-encoder).
+"""POST /v1/rerank on a real `edgellm serve` (uvicorn, the default GGUF for chat, the default cross-encoder as a
+GGUF on llama.cpp, as configs/serve.yaml ships it; and once on the sentence-transformers backend).
 
-The contract is the one llama.cpp's server, Jina and Cohere share; the engine itself is tested in
-tests/test_rerank_engine.py, the 501 without a reranker in tests/test_server_http.py.
+The contract is the one llama.cpp's server, Jina and Cohere share; the engines themselves are tested in
+tests/test_rerank_engine.py and tests/test_rerank_gguf.py, the 501 without a reranker in tests/test_server_http.py.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.servers import running_server
+from tests.test_rerank_gguf import default_reranker_gguf
 
 MODEL = "smollm2-135m-instruct"
 RERANKER = "reranker-minilm-l6"
@@ -32,23 +35,15 @@ RELEVANT = 2
 
 
 @pytest.fixture(scope="module")
-def reranker_dir() -> Path:
-    from edgellm.catalog import pull
-
-    return pull("reranker")
+def reranker_gguf() -> Path:
+    return default_reranker_gguf()
 
 
-@pytest.fixture(scope="module")
-def server(default_gguf: Path, reranker_dir: Path) -> Iterator[str]:
+@contextmanager
+def reranker_server(*args: str) -> Iterator[str]:
     with running_server(
-        "--set",
-        "models.0.n_ctx=1024",
-        "--set",
-        f"reranker.path={reranker_dir}",
-        "--set",
-        f"reranker.name={RERANKER}",
-        "--set",
-        "reranker.max_documents=8",
+        "--set", "models.0.n_ctx=1024", "--no-embedder", *args,
+        "--set", f"reranker.name={RERANKER}", "--set", "reranker.max_documents=8",
         timeout=300,
     ) as url:
         deadline = time.monotonic() + 300
@@ -58,6 +53,12 @@ def server(default_gguf: Path, reranker_dir: Path) -> Iterator[str]:
         ):
             assert time.monotonic() < deadline, "the reranker did not finish loading"
             time.sleep(0.5)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server(default_gguf: Path, reranker_gguf: Path) -> Iterator[str]:
+    with reranker_server("--set", "reranker.backend=llama.cpp", "--set", f"reranker.path={reranker_gguf}") as url:
         yield url
 
 
@@ -191,3 +192,18 @@ def test_rerank_during_a_streaming_chat(server: str) -> None:
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
     assert text_of(events) == text_of(alone) != ""
     assert rerank_finished_mid_stream, "the rerank waited for the whole chat stream"
+
+
+def test_sentence_transformers_backend_answers_the_same(server: str, default_gguf: Path) -> None:
+    """The same model as a sentence-transformers directory (backend sentence-transformers): same order, same scale."""
+    from edgellm.catalog import pull
+
+    reranker_dir = pull("reranker")
+    ours = rerank(server).json()["results"]
+    with reranker_server(
+        "--set", "reranker.backend=sentence-transformers", "--set", f"reranker.path={reranker_dir}"
+    ) as url:
+        theirs = rerank(url).json()["results"]
+    assert [x["index"] for x in ours] == [x["index"] for x in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["relevance_score"] == pytest.approx(b["relevance_score"], abs=0.005)

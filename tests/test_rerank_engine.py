@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.config import ConfigError, load_config
+from edgellm.errors import EdgeLLMError
 from edgellm.serve.engine.rerank import (
     CrossEncoderReranker,
     RerankError,
@@ -26,6 +27,8 @@ from edgellm.train.reranker import (
     DEFAULT_CONFIG,
     RerankerTrainConfig,
     _rank_of,
+    check_disjoint,
+    load_general_eval,
     load_records,
     ranking_metrics,
     train_reranker,
@@ -191,12 +194,37 @@ def test_concurrent_calls_agree(reranker: CrossEncoderReranker) -> None:
     assert seen == [expected] * 4
 
 
-def test_default_model_beats_bm25_on_held_out_queries(reranker_dir: Path) -> None:
+def test_default_model_on_held_out_docstring_queries(reranker_dir: Path) -> None:
+    """Trained for general queries too, the default gives up some ground on Python docstrings (train/reranker_data/
+    README.md: 0.547 NDCG@10 against BM25's 0.565 and the previous docstring-only default's 0.604): it must stay
+    close to BM25 there, far above chance."""
     report = json.loads((reranker_dir / "metrics.json").read_text())
     metrics = report["metrics"]
-    assert report["held_out_queries"] >= 100
+    assert report["held_out_queries"] >= 100 and report["corpus_passages"] == 1439
     for key in ("ndcg@10", "mrr@10"):
-        assert metrics["cross_encoder"][key] > metrics["bm25"][key]
+        assert metrics["cross_encoder"][key] > 0.4
+        assert metrics["cross_encoder"][key] > metrics["bm25"][key] - 0.07
+
+
+def test_default_model_beats_the_bi_encoder_on_general_queries(reranker_dir: Path) -> None:
+    """The default cross-encoder ranks the general-domain held-out set (never trained on) better than the
+    all-MiniLM-L6-v2 bi-encoder it was trained from."""
+    general = json.loads((reranker_dir / "metrics.json").read_text())["general"]
+    assert general["held_out_queries"] == 60 and general["candidate_recall"] == 1.0
+    metrics = general["metrics"]
+    for key in ("ndcg@10", "mrr@10"):
+        assert metrics["cross_encoder"][key] > metrics["bi_encoder"][key] > metrics["bm25"][key]
+
+
+def test_general_triples_are_disjoint_from_the_held_out_set() -> None:
+    train = load_general_eval(REPO / "train" / "reranker_data" / "general_train.jsonl")
+    held_out = load_general_eval(REPO / "train" / "reranker_data" / "general_eval.jsonl")
+    assert len(train) >= 150 and len(held_out) == 60
+    check_disjoint(train, held_out)
+    assert all(len(q.distractors) == 2 for q in train + held_out)
+    assert len({q.id for q in train + held_out}) == len(train) + len(held_out)
+    with pytest.raises(EdgeLLMError, match="shares 4 texts"):
+        check_disjoint(held_out[:1], held_out[:1])
 
 
 # --- the training recipe, its config and its data ---
@@ -236,12 +264,21 @@ def test_ranking_metrics() -> None:
 
 
 def test_training_recipe_at_tiny_size(tmp_path: Path) -> None:
+    general = tmp_path / "general.jsonl"
+    general.write_text(
+        "".join(
+            line + "\n"
+            for line in (REPO / "train" / "reranker_data" / "general_train.jsonl").read_text().splitlines()[:3]
+        )
+    )
     out = train_reranker(
         DEFAULT_CONFIG,
         {
             "output_dir": str(tmp_path / "tiny"),
             "max_train_queries": 12,
             "max_eval_queries": 4,
+            "general_data": str(general),
+            "general_repeats": 1,
             "batch_size": 8,
             "train_max_length": 48,
             "max_length": 64,
@@ -249,8 +286,11 @@ def test_training_recipe_at_tiny_size(tmp_path: Path) -> None:
     )
     report = json.loads((out / "metrics.json").read_text())
     assert report["training_queries"] == 12 and report["held_out_queries"] == 4
-    assert set(report["metrics"]) == {"bm25", "bi_encoder", "cross_encoder"}
-    assert all(0 <= v <= 1 for m in report["metrics"].values() for v in m.values())
+    assert report["training_pairs"] == 12 * 3 + 3 * 4 and report["corpus_passages"] == 1439
+    assert report["general"]["training_triples"] == 3 and report["general"]["held_out_queries"] == 4
+    for metrics in (report["metrics"], report["general"]["metrics"]):
+        assert set(metrics) == {"bm25", "bi_encoder", "cross_encoder"}
+        assert all(0 <= v <= 1 for m in metrics.values() for v in m.values())
     with CrossEncoderReranker(out, name="tiny") as tiny:
         assert tiny.max_length == 64
         assert len(tiny.rerank("copy a file", ["shutil.copy", "json.dumps"]).results) == 2

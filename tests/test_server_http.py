@@ -259,10 +259,49 @@ def test_serving_a_gguf_config_does_not_need_torch() -> None:
     import sys
 
     code = (
-        "import sys; import edgellm.serve.app, edgellm.serve.engine.factory, edgellm.serve.engine.serial, edgellm.serve.routes.rerank; "
-        "assert 'torch' not in sys.modules, 'torch was imported'"
+        "import sys; import edgellm.serve.app, edgellm.serve.engine.factory, edgellm.serve.engine.serial, "
+        "edgellm.serve.routes.rerank, edgellm.serve.routes.embeddings, edgellm.serve.engine.embed, "
+        "edgellm.serve.engine.encoder, edgellm.serve.engine.rerank; "
+        "heavy = [m for m in ('torch', 'llama_cpp', 'gguf') if m in sys.modules]; assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_serving_chat_embeddings_and_rerank_from_ggufs_imports_no_torch(default_gguf: Path) -> None:
+    """A server with a GGUF embedder and a GGUF reranker (the shipped configuration) answers chat, embeddings and
+    rerank with neither torch, sentence-transformers nor transformers imported (checked in a clean interpreter)."""
+    import subprocess
+    import sys
+
+    from tests.test_embeddings import default_embedder_gguf
+    from tests.test_rerank_gguf import default_reranker_gguf
+
+    config = {
+        "models": [{"name": "m", "path": str(default_gguf), "n_ctx": 512}],
+        "slots": 1,
+        "embedder": {"path": str(default_embedder_gguf())},
+        "reranker": {"path": str(default_reranker_gguf()), "backend": "llama.cpp"},
+    }
+    code = f"""
+import sys, time
+from starlette.testclient import TestClient
+from edgellm.serve.app import create_app
+from edgellm.serve.settings import ServeSettings
+
+with TestClient(create_app(ServeSettings.model_validate({config!r}))) as c:
+    deadline = time.monotonic() + 120
+    while c.post("/v1/rerank", json={{"query": "q", "documents": ["d"]}}).status_code == 503:
+        assert time.monotonic() < deadline, "not ready"
+        time.sleep(0.1)
+    chat = c.post("/v1/chat/completions", json={{"messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 4}})
+    emb = c.post("/v1/embeddings", json={{"input": ["a retrieval pipeline", "on the edge"]}})
+    rr = c.post("/v1/rerank", json={{"query": "copy a folder", "documents": ["shutil.copytree", "json.dumps"]}})
+    assert [chat.status_code, emb.status_code, rr.status_code] == [200, 200, 200], (chat.text, emb.text, rr.text)
+    assert len(emb.json()["data"][0]["embedding"]) == 384 and len(rr.json()["results"]) == 2
+heavy = [m for m in ("torch", "sentence_transformers", "transformers") if m in sys.modules]
+assert not heavy, heavy
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
 
 
 def test_engine_package_is_cheap_and_the_error_path_pulls_in_no_catalog() -> None:

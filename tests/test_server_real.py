@@ -24,7 +24,7 @@ def server(request: pytest.FixtureRequest, default_gguf) -> Iterator[str]:
     engine = request.param
     if engine == "batched":
         pytest.importorskip("edgellm.serve.engine.batched")
-    with running_server("--engine", engine, "--set", "models.0.n_ctx=1024", "--no-reranker") as url:
+    with running_server("--engine", engine, "--set", "models.0.n_ctx=1024", "--no-reranker", "--no-embedder") as url:
         yield url
 
 

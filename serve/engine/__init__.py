@@ -19,7 +19,9 @@ high-level API), ``batched`` (continuous batching on the low-level API), compose
 ``slots`` (the slot table: KV bookkeeping and prefix reuse), ``batch`` (building a step's batch), ``sampling``
 (llama.cpp sampler chains), ``detok`` (detokenization and stop strings) and ``scheduler`` (the one decoding
 thread); ``prompt`` (chat templates), ``stream`` (the thread-to-event-loop bridge), ``rerank`` (the cross-encoder
-reranker).
+reranker: llama.cpp GGUF or sentence-transformers), ``embed`` (embeddings), ``encoder`` (running a BERT-family GGUF
+with llama.cpp's pooling), ``grammar`` / ``structured`` / ``tools`` (constrained output: JSON schema to GBNF, the
+plan of a structured request, tool-call parsing).
 """
 
 from __future__ import annotations
@@ -52,13 +54,17 @@ from edgellm.serve.engine.specs import ModelSpec
 
 if TYPE_CHECKING:
     from edgellm.serve.engine.batched import BatchedEngine
+    from edgellm.serve.engine.embed import Embedder, EmbedOutput, GGUFEmbedder, load_embedder
     from edgellm.serve.engine.rerank import (
         CrossEncoderReranker,
+        GGUFReranker,
+        Reranker,
         RerankError,
         RerankInputError,
         RerankModelError,
         RerankOutput,
         RerankScore,
+        load_reranker,
     )
     from edgellm.serve.engine.serial import SerialEngine
 
@@ -66,6 +72,13 @@ _LAZY = {
     "BatchedEngine": "edgellm.serve.engine.batched",
     "SerialEngine": "edgellm.serve.engine.serial",
     "CrossEncoderReranker": "edgellm.serve.engine.rerank",
+    "GGUFReranker": "edgellm.serve.engine.rerank",
+    "Reranker": "edgellm.serve.engine.rerank",
+    "load_reranker": "edgellm.serve.engine.rerank",
+    "Embedder": "edgellm.serve.engine.embed",
+    "EmbedOutput": "edgellm.serve.engine.embed",
+    "GGUFEmbedder": "edgellm.serve.engine.embed",
+    "load_embedder": "edgellm.serve.engine.embed",
     "RerankError": "edgellm.serve.engine.rerank",
     "RerankInputError": "edgellm.serve.engine.rerank",
     "RerankModelError": "edgellm.serve.engine.rerank",
@@ -87,6 +100,8 @@ __all__ = [
     "ChatTemplate",
     "ContextOverflowError",
     "CrossEncoderReranker",
+    "EmbedOutput",
+    "Embedder",
     "Engine",
     "EngineError",
     "EngineKind",
@@ -94,6 +109,8 @@ __all__ = [
     "EngineUnavailableError",
     "Event",
     "FinishReason",
+    "GGUFEmbedder",
+    "GGUFReranker",
     "Finished",
     "Generation",
     "GenerationRequest",
@@ -105,10 +122,13 @@ __all__ = [
     "RerankModelError",
     "RerankOutput",
     "RerankScore",
+    "Reranker",
     "SamplingParams",
     "SerialEngine",
     "TextDelta",
     "Timings",
     "UnknownModelError",
     "build_engine",
+    "load_embedder",
+    "load_reranker",
 ]

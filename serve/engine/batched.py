@@ -4,7 +4,8 @@ sampler chains. This module composes the pieces; each lives in a module of its o
 - ``context.py``: the loaded GGUF and its llama context with ``slots`` sequences (and how it is sized),
 - ``slots.py``: the slot table: the KV each sequence holds, the choice of slot, prefix reuse and copy,
 - ``batch.py``: building one step's ``llama_batch`` (decode tokens, then prompt chunks, oldest request first),
-- ``sampling.py``: each request's llama.cpp sampler chain,
+- ``sampling.py``: each request's llama.cpp sampler chain (and grammar sampler, parsed once per model),
+- ``structured.py``: structured output and tool calling (grammars, the fallback tool prompt, tool-call parsing),
 - ``detok.py``: incremental detokenization and stop strings,
 - ``scheduler.py``: the one decoding thread that all the engine's models take turns on.
 
@@ -16,6 +17,10 @@ sampler chains. This module composes the pieces; each lives in a module of its o
 4. runs one ``llama_decode``, samples each sequence that has an output with its own sampler chain, detokenizes
    incrementally and emits the text.
 
+``BatchedEngine.submit`` plans a request that asks for structured output or tools (``StructuredOutput.plan``:
+its grammar parsed and checked before anything is queued, its messages rewritten for a template without tool
+support) and wraps the generation in a tool-call parser when the answer may call tools.
+
 Usable from Python without a server::
 
     engine = BatchedEngine([ModelSpec(name="m", path=Path("model.gguf"))], slots=4)
@@ -25,6 +30,7 @@ Usable from Python without a server::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -36,17 +42,22 @@ from edgellm.serve.engine.base import (
     Event,
     Finished,
     FinishReason,
+    Generation,
+    GenerationRequest,
+    InvalidRequestError,
     TextDelta,
     Timings,
 )
 from edgellm.serve.engine.batch import BatchBuilder
 from edgellm.serve.engine.context import LlamaContext
 from edgellm.serve.engine.detok import Detokenizer, StopMatcher
+from edgellm.serve.engine.grammar import GrammarCache
 from edgellm.serve.engine.pool import Job, ModelPool
-from edgellm.serve.engine.sampling import SamplerChain
+from edgellm.serve.engine.sampling import Candidates, CompiledGrammars, SamplerChain
 from edgellm.serve.engine.scheduler import Scheduler
 from edgellm.serve.engine.slots import Slot, SlotTable, copy_threshold
 from edgellm.serve.engine.specs import ModelSpec
+from edgellm.serve.engine.structured import StructuredOutput, needs_plan
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +97,7 @@ class BatchedModel:
         prompt_min_batch: int = 32,
         kv_unified: bool = False,
         flash_attn: bool | None = None,
+        grammar_cache: GrammarCache | None = None,
     ) -> None:
         self.spec = spec
         self.slots_n = slots
@@ -98,6 +110,12 @@ class BatchedModel:
             self.llama.close()
             raise
         self.template = self.llama.template
+        self.grammars = CompiledGrammars(self.llama.vocab)
+        self._candidates: Candidates | None = None  # for grammar sampling, made on first use
+        self._special_pieces: dict[int, str] = {}
+        self.structured = StructuredOutput(
+            self.template, self._markup_tokens, self.grammars, grammar_cache or GrammarCache()
+        )
         copy_min = (
             1
             if kv_unified
@@ -122,6 +140,10 @@ class BatchedModel:
     def tokenize(self, text: str) -> list[int]:
         return self.llama.tokenize(text)
 
+    def _markup_tokens(self, text: str) -> list[int]:
+        """The ids of a piece of markup (special tokens parsed, no BOS)."""
+        return [int(t) for t in self.llama.model.tokenize(text.encode("utf-8"), add_bos=False, special=True)]
+
     def enqueue(self, job: Job) -> None:
         with self._cond:
             if self.closing:
@@ -145,6 +167,9 @@ class BatchedModel:
             return
         self._slots.close()
         self._batch.close()
+        if self._candidates is not None:
+            self._candidates.close()
+        self.grammars.close()
         self.llama.close()
 
     # -- scheduler thread (scheduler.ScheduledModel) ------------------------------------------------------------
@@ -197,7 +222,7 @@ class BatchedModel:
         slot.pending = tokens[keep:]
         slot.n_cached = keep
         slot.n_evaluated = len(slot.pending)
-        slot.chain = SamplerChain(job.params, self.llama.n_vocab, self.spec.n_ctx)
+        slot.chain = self._sampler_chain(job)
         slot.chain.accept_prompt(tokens)
         slot.detok = Detokenizer(self.llama.pieces)
         slot.stop = StopMatcher(job.params.stop)
@@ -207,6 +232,29 @@ class BatchedModel:
         slot.out_index = -1
         if keep:
             log.debug("slot %d: reusing %d cached tokens of %d", slot.seq_id, keep, len(tokens))
+
+    def _sampler_chain(self, job: Job) -> SamplerChain:
+        g = job.params.grammar
+        if g is None:
+            return SamplerChain(job.params, self.llama.n_vocab, self.spec.n_ctx)
+        if self._candidates is None:
+            self._candidates = Candidates(self.llama.n_vocab, self.llama.pieces, self.llama.eog)
+        grammar = self.grammars.instantiate(g)
+        try:
+            return SamplerChain(job.params, self.llama.n_vocab, self.spec.n_ctx, grammar, self._candidates)
+        except BaseException:
+            import llama_cpp
+
+            llama_cpp.llama_sampler_free(grammar)
+            raise
+
+    def _special_piece(self, token: int) -> str:
+        piece = self._special_pieces.get(token)
+        if piece is None:
+            raw = self.llama.model.token_to_piece(token, special=True)
+            piece = raw.rstrip(b"\0").decode("utf-8", errors="replace")
+            self._special_pieces[token] = piece
+        return piece
 
     def _drop_cancelled(self) -> None:
         for slot in list(self._slots.active):
@@ -222,7 +270,12 @@ class BatchedModel:
         ctx = self.llama.ctx
         for s in step.commit():
             assert s.chain is not None
-            self._on_token(s, s.chain.sample(ctx, s.out_index))
+            try:
+                token = s.chain.sample(ctx, s.out_index, s.max_tokens - s.n_decoded)
+            except InvalidRequestError as e:  # a grammar with no way forward: this request ends, the others go on
+                self._abort(s, e)
+                continue
+            self._on_token(s, token)
 
     def _on_token(self, s: Slot, token: int) -> None:
         if s.n_decoded == 0:
@@ -231,9 +284,12 @@ class BatchedModel:
         job = s.job
         assert job is not None and s.detok is not None and s.stop is not None
         if token in self.llama.eog:
-            self._finish(s, "stop")
+            self._finish(s, "length" if s.chain is not None and s.chain.closing else "stop")
             return
-        text, stopped = s.stop.push(s.detok.push(token))
+        text = s.detok.push(token)
+        if token in job.params.preserved_tokens:
+            text += self._special_piece(token)
+        text, stopped = s.stop.push(text)
         if text:
             _emit(job, TextDelta(text))
         if stopped:
@@ -293,10 +349,12 @@ class BatchedEngine(ModelPool):
         flash_attn: bool | None = None,
     ) -> None:
         scheduler = Scheduler()
+        self.grammar_cache = GrammarCache()
+        self._batched: dict[str, BatchedModel] = {}
 
         def load(spec: ModelSpec) -> BatchedModel:
             log.info("loading %s from %s (%d slots of %d tokens)", spec.name, spec.path, slots, spec.n_ctx)
-            return BatchedModel(
+            model = BatchedModel(
                 spec,
                 slots,
                 queue_size,
@@ -304,9 +362,21 @@ class BatchedEngine(ModelPool):
                 prompt_chunk=prompt_chunk,
                 kv_unified=kv_unified,
                 flash_attn=flash_attn,
+                grammar_cache=self.grammar_cache,
             )
+            self._batched[spec.name] = model
+            return model
 
         super().__init__(specs, load)
+
+    async def submit(self, request: GenerationRequest) -> Generation:
+        """Queue a request (see ``ModelPool.submit``); structured output and tools are planned first, off the
+        event loop (schema conversion and grammar parsing), and may raise ``InvalidRequestError``."""
+        if not needs_plan(request):
+            return await super().submit(request)
+        self._model(request.model)  # UnknownModelError before anything else
+        plan = await asyncio.to_thread(self._batched[request.model].structured.plan, request)
+        return plan.wrap(await super().submit(plan.request))
 
 
 __all__ = ["BatchedEngine", "BatchedModel", "retry_after"]

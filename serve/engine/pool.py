@@ -13,6 +13,7 @@ from typing import Protocol
 
 from edgellm.serve.engine.base import (
     ContextOverflowError,
+    Generation,
     GenerationRequest,
     InvalidPromptError,
     ModelInfo,
@@ -90,7 +91,7 @@ class ModelPool:
                 f"model {name!r} is not served here; available: {', '.join(self._models)}"
             ) from None
 
-    async def submit(self, request: GenerationRequest) -> EventStream:
+    async def submit(self, request: GenerationRequest) -> Generation:
         model = self._model(request.model)
         tokens = await asyncio.to_thread(prompt_tokens, model, request)
         if not tokens:

@@ -19,12 +19,16 @@ from edgellm.serve.engine.base import (
     EngineOverloadedError,
     Finished,
     FinishReason,
+    Generation,
+    GenerationRequest,
+    InvalidRequestError,
     TextDelta,
     Timings,
 )
 from edgellm.serve.engine.pool import Job, ModelPool
 from edgellm.serve.engine.prompt import ChatTemplate
 from edgellm.serve.engine.specs import ModelSpec
+from edgellm.serve.engine.structured import needs_plan
 from edgellm.serve.engine.tokens import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -198,6 +202,18 @@ class SerialEngine(ModelPool):
         except BaseException:
             self._decoder.shutdown(wait=False)
             raise
+
+    async def submit(self, request: GenerationRequest) -> Generation:
+        """Plain generation only: structured output, grammars and tools run in the batched engine's sampler
+        chains, so the serial engine refuses them (400) rather than answer unconstrained."""
+        if needs_plan(request):
+            self._model(request.model)  # UnknownModelError first
+            raise InvalidRequestError(
+                "structured output (response_format json_object/json_schema, grammar, json_schema), tools and tool "
+                "messages need the batched engine; serve with `--engine batched` (the default)",
+                field="engine",
+            )
+        return await super().submit(request)
 
     async def close(self) -> None:
         await super().close()

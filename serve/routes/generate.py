@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from edgellm.serve.engine.base import Engine, Finished, Generation, TextDelta
+from edgellm.serve.engine.base import Engine, Finished, Generation, TextDelta, ToolCallDelta
 from edgellm.serve.errors import NOT_FOUND, APIError, error_body, to_api_error
 from edgellm.serve.http import check_auth, read_json, ready_engine, server_state
 from edgellm.serve.routes.openai_format import ChatFormat, CompletionFormat, dumps
@@ -43,6 +44,8 @@ async def _sse(generation: Generation, fmt: Format, include_usage: bool) -> Asyn
         async for event in generation:
             if isinstance(event, TextDelta):
                 yield _event(fmt.delta_json(event.text))
+            elif isinstance(event, ToolCallDelta):
+                yield _event(dumps(fmt.tool_call_chunk(event)))
             elif isinstance(event, Finished):
                 yield _event(dumps(fmt.final_chunk(event)))
                 if include_usage:
@@ -55,9 +58,10 @@ async def _sse(generation: Generation, fmt: Format, include_usage: bool) -> Asyn
         await generation.aclose()
 
 
-async def _collect(generation: Generation, request: Request) -> tuple[str, Finished]:
-    """Gather a whole answer; if the client goes away first, cancel the generation."""
+async def _collect(generation: Generation, request: Request) -> tuple[str, list[dict[str, Any]], Finished]:
+    """Gather a whole answer (text and tool calls); if the client goes away first, cancel the generation."""
     parts: list[str] = []
+    calls: list[dict[str, Any]] = []
     finished: Finished | None = None
 
     async def gather() -> None:
@@ -65,6 +69,10 @@ async def _collect(generation: Generation, request: Request) -> tuple[str, Finis
         async for event in generation:
             if isinstance(event, TextDelta):
                 parts.append(event.text)
+            elif isinstance(event, ToolCallDelta):
+                if event.id is not None:
+                    calls.append({"id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}})
+                calls[-1]["function"]["arguments"] += event.arguments
             elif isinstance(event, Finished):
                 finished = event
         tg.cancel_scope.cancel()
@@ -84,7 +92,7 @@ async def _collect(generation: Generation, request: Request) -> tuple[str, Finis
         await generation.aclose()
     if finished is None:
         raise APIError(499, "client disconnected")
-    return "".join(parts), finished
+    return "".join(parts), calls, finished
 
 
 async def _generate(request: Request, body_model: type[ChatCompletionRequest] | type[CompletionRequest]) -> Response:
@@ -103,8 +111,8 @@ async def _generate(request: Request, body_model: type[ChatCompletionRequest] | 
             sep="\n",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    text, finished = await _collect(generation, request)
-    return JSONResponse(fmt.response(text, finished))
+    text, calls, finished = await _collect(generation, request)
+    return JSONResponse(fmt.response(text, finished, calls))
 
 
 async def chat_completions(request: Request) -> Response:

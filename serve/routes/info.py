@@ -32,8 +32,13 @@ async def list_models(request: Request) -> Response:
         }
         for m in engine.models()
     ]
+    embedder = state.embedder.model if state.embedder is not None else None
+    if embedder is not None:
+        data.append({"id": embedder.name, "object": "model", "created": 0, "owned_by": "edgellm",
+                     "meta": {"kind": "embedding", "dimensions": embedder.dimensions, "max_length": embedder.max_length,
+                              "path": str(embedder.path)}})
     reranker = state.reranker.model if state.reranker is not None else None
     if reranker is not None:
         data.append({"id": reranker.name, "object": "model", "created": 0, "owned_by": "edgellm",
-                     "meta": {"kind": "reranker"}})
+                     "meta": {"kind": "reranker", "max_length": reranker.max_length}})
     return JSONResponse({"object": "list", "data": data})

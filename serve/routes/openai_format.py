@@ -3,6 +3,11 @@
 Streamed text deltas are the hot path (one per token): ``delta_json`` splices the JSON-escaped text into the
 chunk rendered once per response, instead of building and serializing a dict per token. It gives the same bytes
 as ``dumps(delta_chunk(text))`` (tested).
+
+Tool calls stream as OpenAI's do: for each call a first ``delta.tool_calls`` entry with ``index``, ``id``,
+``type: "function"``, ``function.name`` and empty ``arguments``, then entries with ``index`` and
+``function.arguments`` fragments; the final chunk's ``finish_reason`` is ``tool_calls``. A non-streamed answer has
+``message.tool_calls`` and ``content: null`` when it is only calls.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring  # type: ignore[attr-defined]  # json's C string encoder
 from typing import Any
 
-from edgellm.serve.engine.base import Finished
+from edgellm.serve.engine.base import Finished, ToolCallDelta
 
 _MARK = "\ue000edgellm-text\ue000"  # a private-use sentinel no tokenizer produces inside a chunk template
 
@@ -80,6 +85,13 @@ class ChatFormat(_SplicedDeltas):
     def delta_chunk(self, text: str) -> dict[str, Any]:
         return self._chunk([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
 
+    def tool_call_chunk(self, d: ToolCallDelta) -> dict[str, Any]:
+        call: dict[str, Any] = {"index": d.index}
+        if d.id is not None:
+            call.update(id=d.id, type="function", function={"name": d.name, "arguments": d.arguments})
+        else:
+            call["function"] = {"arguments": d.arguments}
+        return self._chunk([{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}])
 
     def final_chunk(self, f: Finished) -> dict[str, Any]:
         return self._chunk([{"index": 0, "delta": {}, "finish_reason": f.finish_reason}])
@@ -87,7 +99,10 @@ class ChatFormat(_SplicedDeltas):
     def usage_chunk(self, f: Finished) -> dict[str, Any]:
         return self._chunk([], usage=usage(f), timings=f.timings.as_dict())
 
-    def response(self, text: str, f: Finished) -> dict[str, Any]:
+    def response(self, text: str, f: Finished, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if tool_calls:
+            message = {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
         return {
             "id": self.id,
             "object": "chat.completion",
@@ -97,7 +112,7 @@ class ChatFormat(_SplicedDeltas):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": f.finish_reason,
                 }
@@ -130,6 +145,8 @@ class CompletionFormat(_SplicedDeltas):
     def delta_chunk(self, text: str) -> dict[str, Any]:
         return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}])
 
+    def tool_call_chunk(self, d: ToolCallDelta) -> dict[str, Any]:
+        raise TypeError("text completions have no tool calls")
 
     def final_chunk(self, f: Finished) -> dict[str, Any]:
         return self._chunk([{"index": 0, "text": "", "logprobs": None, "finish_reason": f.finish_reason}])
@@ -137,7 +154,7 @@ class CompletionFormat(_SplicedDeltas):
     def usage_chunk(self, f: Finished) -> dict[str, Any]:
         return self._chunk([], usage=usage(f), timings=f.timings.as_dict())
 
-    def response(self, text: str, f: Finished) -> dict[str, Any]:
+    def response(self, text: str, f: Finished, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         return self._chunk(
             [{"index": 0, "text": text, "logprobs": None, "finish_reason": f.finish_reason}],
             usage=usage(f),

@@ -9,13 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from edgellm.serve.errors import NOT_FOUND, NOT_SUPPORTED, UNAVAILABLE, APIError
+from edgellm.serve.errors import NOT_FOUND, NOT_SUPPORTED, APIError
 from edgellm.serve.http import check_auth, read_json, server_state
 from edgellm.serve.schemas import parse_body
 
 NO_RERANKER = (
-    "no reranker is configured on this server; add a `reranker: {path: <cross-encoder dir>}` section to "
-    "configs/serve.yaml (or run `edgellm models pull reranker` and pass `--reranker models/reranker-minilm-l6`)"
+    "no reranker is configured on this server; add a `reranker: {path: <cross-encoder .gguf or directory>}` section "
+    "to configs/serve.yaml (or run `edgellm models pull reranker-gguf` and pass `--reranker` with its .gguf file)"
 )
 
 
@@ -43,11 +43,7 @@ async def rerank(request: Request) -> Response:
     if settings.reranker is None or served is None:
         raise APIError(501, NO_RERANKER, NOT_SUPPORTED)
     body = parse_body(RerankRequest, await read_json(request, settings.max_body_bytes))
-    reranker = served.model
-    if reranker is None:
-        if served.error:
-            raise APIError(503, f"the reranker failed to load: {served.error}", UNAVAILABLE)
-        raise APIError(503, "the reranker is still loading; retry shortly", UNAVAILABLE, {"Retry-After": "1"})
+    reranker = served.ready("reranker")
     if body.model not in (None, "", reranker.name):
         raise APIError(404, f"reranker {body.model!r} is not served here; available: {reranker.name}", NOT_FOUND)
     texts = [d if isinstance(d, str) else d.text for d in body.documents]
