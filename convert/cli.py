@@ -5,6 +5,8 @@ edgellm convert setup                                   # fetch llama.cpp's conv
 edgellm convert runs/demo/merged --quant q4_k_m q8_0 --out models/demo/
 edgellm convert --config configs/convert.yaml            # the same, from a YAML that mirrors convert_model
 edgellm convert models/reranker-minilm-l6 --out models/reranker-minilm-l6-gguf   # an encoder: f16 + parity.json
+edgellm convert --lora runs/personas --base-gguf models/SmolLM2-135M-Instruct.Q4_1.gguf --out models/personas
+                                                        # LoRA adapters as GGUF + adapters.json (`convert.adapter`)
 """
 
 from __future__ import annotations
@@ -58,6 +60,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--behaviour-prompts", type=int, default=None, help="use at most this many held-out prompts"
     )
+    lora = p.add_argument_group(
+        "LoRA adapters (--lora)",
+        "convert PEFT adapters to GGUF LoRA files for one base GGUF, each checked against the merged model, into "
+        "<out>/adapters.json; --max-kl is then the adapter gate (0.001), --threads and --force apply",
+    )
+    lora.add_argument(
+        "--lora",
+        type=Path,
+        metavar="ADAPTER|RUN",
+        help="a PEFT adapter folder (runs/<name>/adapter) or a train run (every adapter in it)",
+    )
+    lora.add_argument("--base-gguf", type=Path, help="the base GGUF the adapters are applied to (served)")
+    lora.add_argument(
+        "--base", dest="base_hf", type=Path, help="the base's Hugging Face folder (default: the run's base_model)"
+    )
+    lora.add_argument(
+        "--reference-gguf",
+        type=Path,
+        help="an f16/f32 GGUF of the base for the gate when --base-gguf is quantized (default: converted from --base)",
+    )
+    lora.add_argument("--lora-outtype", choices=("f16", "f32", "bf16", "q8_0"), default="f16", help="(f16)")
+    lora.add_argument("--kl-prompts", type=int, default=16, help="held-out conversations for the KL check (16)")
+    lora.add_argument(
+        "--behaviour",
+        action="store_true",
+        help="then run each adapter's train-run behaviour check on the base GGUF + adapter in llama.cpp "
+        "(--behaviour-prompts caps the prompts) and write <out>/behaviour.json",
+    )
     p.set_defaults(func=_run)
 
 
@@ -73,6 +103,9 @@ def _run(args: argparse.Namespace) -> int:
         converter = setup_converter(force=bool(args.force))
         print(f"llama.cpp converter {converter.version}: {converter.root}")
         return 0
+
+    if args.lora is not None:
+        return _convert_lora(args)
 
     from edgellm.convert.llamacpp import ConvertError
     from edgellm.convert.recipe import convert_model
@@ -151,4 +184,47 @@ def _convert_encoder(settings: object, out: Path, kind: str, quants_given: bool)
         figures = ", ".join(f"{k} {v:.6f}" if isinstance(v, float) else f"{k} {v}" for k, v in f.parity.items())
         print(f"  {f.path}  {f.size / 1e6:8.1f} MB  parity: {figures}")
     print(f"parity: {out / 'parity.json'}")
+    return 0
+
+
+def _convert_lora(args: argparse.Namespace) -> int:
+    from edgellm.convert.adapter import MAX_ADAPTER_KL, convert_adapters
+    from edgellm.convert.llamacpp import ConvertError
+    from edgellm.paths import models_dir
+
+    if args.src is not None:
+        raise ConvertError("--lora converts adapters: give no HF_MODEL_DIR with it")
+    if args.base_gguf is None:
+        raise ConvertError("--lora needs --base-gguf: the base GGUF the adapters will be applied to")
+    out = args.out or models_dir() / args.lora.resolve().name
+    manifest = convert_adapters(
+        args.lora,
+        args.base_gguf,
+        out,
+        base_hf=args.base_hf,
+        reference_gguf=args.reference_gguf,
+        outtype=args.lora_outtype,
+        max_kl=args.max_kl if args.max_kl is not None else MAX_ADAPTER_KL,
+        max_prompts=args.kl_prompts,
+        threads=args.threads,
+        force=bool(args.force),
+    )
+    print(f"base {manifest.base.file_name} ({manifest.base.file_type}); gate on {manifest.reference_base.file_name}")
+    for a in manifest.adapters:
+        ref, served = a.verification.reference, a.verification.served
+        line = (
+            f"  {a.name:<12} {a.path}  {a.size / 1e6:6.1f} MB  r={a.rank} alpha={a.alpha:g}  "
+            f"KL vs merged: {ref.kl_mean:.2e} mean, {ref.kl_p99:.2e} p99 ({manifest.reference_base.file_type})"
+        )
+        if served is not None:
+            line += f"; {served.kl_mean:.2e} mean, {served.kl_p99:.2e} p99 ({manifest.base.file_type})"
+        print(line)
+    print(f"adapters: {out / 'adapters.json'}")
+    if args.behaviour:
+        from edgellm.convert.behaviour import adapter_behaviour_shares
+
+        shares = adapter_behaviour_shares(out, out / "behaviour.json", args.behaviour_prompts, args.threads)
+        for name, r in shares.items():
+            print(f"  {name:<12} on {r['base']}: behaviour pass share {r['pass_share']:.3f} over {r['prompts']} prompts")
+        print(f"behaviour: {out / 'behaviour.json'}")
     return 0

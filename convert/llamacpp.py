@@ -1,8 +1,10 @@
 """llama.cpp's own tools, at the exact version of the installed llama-cpp-python.
 
-- the converter (``convert_hf_to_gguf.py`` with ``conversion/`` and ``gguf-py/``), taken from the binding's source
-  distribution (``pip download --no-binary :all: --no-deps llama-cpp-python==<installed>``) into the cache by
-  ``edgellm convert setup`` (the only step here that uses the network), and run as a subprocess with this Python;
+- the converters (``convert_hf_to_gguf.py`` for models, ``convert_lora_to_gguf.py`` for PEFT LoRA adapters, with
+  ``conversion/`` and ``gguf-py/``), taken from the binding's source distribution (``pip download --no-binary :all:
+  --no-deps llama-cpp-python==<installed>``) into the cache by ``edgellm convert setup`` (the only step here that
+  uses the network; a cache made before a script was kept is refreshed by it), and run as a subprocess with this
+  Python;
 - the quantizer (``llama_cpp.llama_model_quantize``), run in a child process (`convert.quantize_worker`) so that
   capturing its log does not change llama.cpp's process-wide log callback here;
 - what a GGUF actually holds (tensor types, sizes, metadata), computed from `edgellm.gguf.read_header`.
@@ -41,7 +43,9 @@ log = logging.getLogger(__name__)
 
 PACKAGE = "llama-cpp-python"
 _VENDOR = "vendor/llama.cpp/"
-_KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+_KEEP = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+# What a usable cache must hold; a cache written before a file was added here is refreshed by `setup_converter`.
+_REQUIRED = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py")
 _MARKER = "edgellm-converter.json"
 
 
@@ -78,13 +82,17 @@ def llama_cpp_version() -> str:
 
 @dataclass(frozen=True)
 class Converter:
-    root: Path  # holds convert_hf_to_gguf.py, conversion/, gguf-py/
+    root: Path  # holds convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/, gguf-py/
     version: str  # llama-cpp-python version it came from
     sdist_sha256: str
 
     @property
     def script(self) -> Path:
         return self.root / "convert_hf_to_gguf.py"
+
+    @property
+    def lora_script(self) -> Path:
+        return self.root / "convert_lora_to_gguf.py"
 
     @property
     def gguf_py_version(self) -> str:
@@ -114,46 +122,41 @@ def converter_dir(version: str) -> Path:
     return cache_dir() / f"llama.cpp-converter-{version}"
 
 
+def missing_files(root: Path) -> list[str]:
+    """The files a usable converter cache needs that ``root`` lacks (all of them when it has no marker)."""
+    if not (root / _MARKER).is_file():
+        return [_MARKER, *_REQUIRED]
+    return [name for name in _REQUIRED if not (root / name).is_file()]
+
+
 def find_converter(version: str | None = None) -> Converter | None:
+    """The cached converter for ``version``, or None when it is absent or incomplete (made by an older edgellm
+    that did not keep every script); `setup_converter` fetches or refreshes it."""
     version = version or binding_version()
     root = converter_dir(version)
-    marker = root / _MARKER
-    if not marker.is_file():
+    if missing := missing_files(root):
+        if (root / _MARKER).is_file():
+            log.info("the converter cache %s lacks %s; `%s` refreshes it", root, ", ".join(missing), SETUP_COMMAND)
         return None
-    info = json.loads(marker.read_text(encoding="utf-8"))
+    info = json.loads((root / _MARKER).read_text(encoding="utf-8"))
     return Converter(root=root, version=info["version"], sdist_sha256=info["sdist_sha256"])
 
 
-def setup_converter(version: str | None = None, force: bool = False) -> Converter:
-    """Fetch llama.cpp's converter from the ``llama-cpp-python==<version>`` sdist into the cache (idempotent)."""
+def setup_converter(version: str | None = None, force: bool = False, sdist: Path | None = None) -> Converter:
+    """Fetch llama.cpp's converters from the ``llama-cpp-python==<version>`` sdist into the cache (idempotent: a
+    complete cache is kept, an incomplete one refetched). ``sdist``: unpack this local source distribution instead
+    of running ``pip download`` (an offline machine, a mirror)."""
     version = version or binding_version()
     if not force and (found := find_converter(version)):
         log.info("llama.cpp converter %s is present at %s", version, found.root)
         return found
     root = converter_dir(version)
+    if (root / _MARKER).is_file() and not force:
+        log.info("refreshing the converter cache %s (it lacks %s)", root, ", ".join(missing_files(root)))
     with tempfile.TemporaryDirectory(prefix="edgellm-sdist-") as tmp:
-        log.info("downloading the %s==%s source distribution (pip download --no-binary)", PACKAGE, version)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-binary",
-            ":all:",
-            "--no-deps",
-            "-d",
-            tmp,
-            f"{PACKAGE}=={version}",
-        ]
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
-        if proc.returncode != 0:
-            raise ConvertError(
-                f"pip download {PACKAGE}=={version} failed (exit {proc.returncode}); is the registry reachable?"
-            )
-        sdists = sorted(Path(tmp).glob("*.tar.gz"))
-        if not sdists:
-            raise ConvertError(f"pip download {PACKAGE}=={version} produced no source distribution in {tmp}")
-        sdist = sdists[0]
+        sdist = sdist if sdist is not None else _download_sdist(version, Path(tmp))
+        if not sdist.is_file():
+            raise ConvertError(f"{sdist}: no such source distribution")
         digest = sha256_file(sdist)
         with atomic_path(root) as part, tarfile.open(sdist, "r:gz") as tar:
             members = []
@@ -166,8 +169,9 @@ def setup_converter(version: str | None = None, force: bool = False) -> Converte
                 ):
                     m.name = rel[len(_VENDOR) :]
                     members.append(m)
-            if not any(m.name == "convert_hf_to_gguf.py" for m in members):
-                raise ConvertError(f"{sdist.name} has no {_VENDOR}convert_hf_to_gguf.py")
+            names = {m.name for m in members}
+            if lacking := [n for n in _REQUIRED if n not in names]:
+                raise ConvertError(f"{sdist.name} has no {', '.join(_VENDOR + n for n in lacking)}")
             part.mkdir(parents=True)
             for m in tqdm(members, desc=f"unpack converter {version}", unit="file", file=sys.stderr):
                 tar.extract(m, part, filter="data")
@@ -179,6 +183,33 @@ def setup_converter(version: str | None = None, force: bool = False) -> Converte
     return found
 
 
+def _download_sdist(version: str, dest: Path) -> Path:
+    """``pip download --no-binary :all: --no-deps llama-cpp-python==<version>`` into ``dest``: the package
+    registry, through its ordinary client."""
+    log.info("downloading the %s==%s source distribution (pip download --no-binary)", PACKAGE, version)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-binary",
+        ":all:",
+        "--no-deps",
+        "-d",
+        str(dest),
+        f"{PACKAGE}=={version}",
+    ]
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+    if proc.returncode != 0:
+        raise ConvertError(
+            f"pip download {PACKAGE}=={version} failed (exit {proc.returncode}); is the registry reachable?"
+        )
+    sdists = sorted(dest.glob("*.tar.gz"))
+    if not sdists:
+        raise ConvertError(f"pip download {PACKAGE}=={version} produced no source distribution in {dest}")
+    return sdists[0]
+
+
 SETUP_COMMAND = "edgellm convert setup"
 
 
@@ -187,8 +218,14 @@ def require_converter() -> Converter:
     version = binding_version()
     found = find_converter(version)
     if found is None:
+        root = converter_dir(version)
+        if (root / _MARKER).is_file():
+            raise ConvertError(
+                f"the llama.cpp converter cache {root} lacks {', '.join(missing_files(root))} (made by an older "
+                f"edgellm); refresh it with `{SETUP_COMMAND}`"
+            )
         raise ConvertError(
-            f"llama.cpp's converter for llama-cpp-python {version} is not in {converter_dir(version)}; "
+            f"llama.cpp's converter for llama-cpp-python {version} is not in {root}; "
             f"fetch it once with `{SETUP_COMMAND}` (`make setup` runs it)"
         )
     return found
@@ -257,6 +294,40 @@ def run_converter(
                 f"{src}: llama.cpp's converter does not support architecture {m.group(1)}"
             )
         raise ConvertError(f"llama.cpp's converter failed on {src} (exit {proc.returncode}):\n{tail}")
+
+
+LORA_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def run_lora_converter(converter: Converter, adapter: Path, base_hf: Path, dst: Path, outtype: str = "f16") -> None:
+    """Run ``convert_lora_to_gguf.py adapter --base base_hf --outtype outtype --outfile dst``, offline: the base's
+    Hugging Face folder (its config.json) is always given, so the script never looks a base up on the hub."""
+    if outtype not in LORA_OUTTYPES:
+        raise ConvertError(f"LoRA outtype {outtype!r}: choose from {', '.join(LORA_OUTTYPES)}")
+    cmd = [
+        sys.executable,
+        str(converter.lora_script),
+        str(adapter),
+        "--base",
+        str(base_hf),
+        "--outtype",
+        outtype,
+        "--outfile",
+        str(dst),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("NO_LOCAL_GGUF", None)
+    log.debug("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env)
+    log.debug("LoRA converter output:\n%s", proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        output = proc.stdout + proc.stderr
+        tail = "\n".join(output.strip().splitlines()[-12:])
+        if "No space left on device" in output:
+            raise DiskFullError(f"the disk filled up while converting {adapter} in {dst.parent}; free some space")
+        raise ConvertError(f"llama.cpp's convert_lora_to_gguf.py failed on {adapter} (exit {proc.returncode}):\n{tail}")
+    if not dst.is_file():
+        raise ConvertError(f"llama.cpp's convert_lora_to_gguf.py wrote no file for {adapter} (expected {dst})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

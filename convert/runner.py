@@ -3,6 +3,7 @@
     with GGUFRunner(Path("models/demo/demo-q4_k_m.gguf"), n_ctx=1024, n_threads=2) as model:
         model.logits(model.tokenize("The capital of France is"))   # [n_tokens, n_vocab] float32
         model.chat([{"role": "user", "content": "Hi"}], max_tokens=16)  # ChatAnswer(text, finished, n_tokens)
+    GGUFRunner(base_gguf, n_ctx=1024, lora=[(Path("models/personas/hammy-lora-f16.gguf"), 1.0)])  # base + adapter
 
 llama-cpp-python's ``Llama`` class builds its model parameters itself, so it cannot load a model without llama.cpp's
 extra CPU buffer types (AMX / repacked weight layouts). A build with AMX (GGML_NATIVE on an AMX CPU) segfaulted on
@@ -15,6 +16,7 @@ end-of-generation token, the template's end-of-sequence text or ``max_tokens``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,10 +37,17 @@ class ChatAnswer:
 
 class GGUFRunner:
     """One model, one context (``n_ctx`` tokens), greedy decoding. ``extra_buffer_types`` is llama.cpp's
-    ``use_extra_bufts`` (weight repacking); off by default, see the module docstring."""
+    ``use_extra_bufts`` (weight repacking); off by default, see the module docstring. ``lora``: GGUF LoRA adapters
+    and their scales, applied at run time on this context (``llama_adapter_lora_init`` + ``llama_set_adapters_lora``;
+    llama.cpp checks each against the model and frees it with the model)."""
 
     def __init__(
-        self, path: Path, n_ctx: int, n_threads: int | None = None, extra_buffer_types: bool = False
+        self,
+        path: Path,
+        n_ctx: int,
+        n_threads: int | None = None,
+        extra_buffer_types: bool = False,
+        lora: Sequence[tuple[Path, float]] = (),
     ) -> None:
         import llama_cpp as ll
         from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel
@@ -70,9 +79,34 @@ class GGUFRunner:
             self._model.close()
             raise ConvertError(f"llama.cpp cannot make a context of {n_ctx} tokens for {self.path.name}: {e}") from e
         self._batch = LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
+        if lora:
+            self._set_adapters(lora)
         self.n_ctx = n_ctx
         self.n_vocab = self._model.n_vocab()
         self.metadata: dict[str, str] = self._model.metadata()
+
+    def _set_adapters(self, lora: Sequence[tuple[Path, float]]) -> None:
+        import ctypes
+
+        ll = self._ll
+        adapters = []
+        for path, _ in lora:
+            if not Path(path).is_file():
+                self.close()
+                raise ConvertError(f"{path}: no such LoRA adapter file")
+            adapter = ll.llama_adapter_lora_init(self._model.model, str(path).encode("utf-8"))
+            if not adapter:
+                self.close()
+                raise ConvertError(
+                    f"llama.cpp cannot apply the LoRA adapter {Path(path).name} to {self.path.name}: not a LoRA GGUF, "
+                    "or made for another base model (architecture or tensor shapes differ)"
+                )
+            adapters.append(adapter)
+        arr = (ll.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
+        scales = (ctypes.c_float * len(lora))(*(float(s) for _, s in lora))
+        if ll.llama_set_adapters_lora(self._ctx.ctx, arr, len(adapters), scales) != 0:
+            self.close()
+            raise ConvertError(f"llama.cpp could not set {len(adapters)} LoRA adapter(s) on {self.path.name}")
 
     # -- tokens and log-probabilities ----------------------------------------------------------------------------
 

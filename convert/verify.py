@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,15 @@ def hf_reference(model_dir: Path, prompts: Sequence[str] = DEFAULT_PROMPTS) -> H
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = model_reference(model, tokenizer, prompts)
+    del model
+    return reference
+
+
+def model_reference(model: Any, tokenizer: Any, prompts: Sequence[str]) -> HFReference:
+    """`HFReference` of a loaded transformers model (float32), e.g. a base with a LoRA adapter merged in."""
+    import torch
+
     model.eval()
     ids_all, lps = [], []
     with torch.inference_mode():
@@ -57,7 +67,6 @@ def hf_reference(model_dir: Path, prompts: Sequence[str] = DEFAULT_PROMPTS) -> H
             logits = model(torch.tensor([ids])).logits[0].float()
             ids_all.append(tuple(int(i) for i in ids))
             lps.append(torch.log_softmax(logits, dim=-1).numpy())
-    del model
     return HFReference(prompts=tuple(prompts), token_ids=tuple(ids_all), logprobs=tuple(lps))
 
 
@@ -67,7 +76,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _compare(model: GGUFRunner, reference: HFReference, result: Verification, label: str) -> None:
+def compare_to_reference(model: GGUFRunner, reference: HFReference, result: Verification, label: str) -> None:
     """Fill ``result`` with the tokenizer check and KL(hf || gguf) over every position of the reference prompts."""
     tokenizer_ok = True
     kls: list[float] = []
@@ -90,12 +99,14 @@ def _compare(model: GGUFRunner, reference: HFReference, result: Verification, la
     result.tokenizer_matches_hf = tokenizer_ok
     result.kl_mean = float(np.mean(kls))
     result.kl_max = float(np.max(kls))
+    result.kl_p99 = float(np.percentile(kls, 99))
     result.top1_agreement = float(np.mean(top1))
     result.n_positions = len(kls)
     log.info(
-        "%s: KL(hf || gguf) mean %.2e max %.2e over %d positions, top-1 agreement %.3f",
+        "%s: KL(hf || gguf) mean %.2e p99 %.2e max %.2e over %d positions, top-1 agreement %.3f",
         label,
         result.kl_mean,
+        result.kl_p99,
         result.kl_max,
         result.n_positions,
         result.top1_agreement,
@@ -118,7 +129,7 @@ def verify_gguf(
     with GGUFRunner(path, n_ctx=n_ctx, n_threads=n_threads) as model:
         result = Verification(loads=True, prompt=GENERATE_MESSAGES[0]["content"])
         if reference is not None:
-            _compare(model, reference, result, label)
+            compare_to_reference(model, reference, result, label)
             result.kl_threshold = kl_threshold
             if kl_threshold is not None and not result.tokenizer_matches_hf:
                 raise RoundTripError(

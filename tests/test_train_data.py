@@ -218,7 +218,10 @@ def test_behaviour_check_scores_each_answer_of_the_run(tmp_path: Path) -> None:
         "answer": "Squeak! Yes.",
         "words": 2,
         "finished": True,
+        "numbered_steps": 0,
         "prefix": True,
+        "suffix": True,  # not asked for: passes
+        "steps": True,
         "within_words": True,
         "pass": True,
     }

@@ -3,8 +3,10 @@ survive (a merge, a conversion, a quantization)?
 
 Held-out prompts (the test split's conversations up to their last assistant turn and, optionally, a file of
 prompts unlike the training ones), one greedy answer to each from whatever runs the model (transformers in
-`edgellm train eval`, llama.cpp in `edgellm convert --check-behaviour`), and the share of answers that start with
-``eval.expect_prefix`` and finish within ``eval.max_words`` words.
+`edgellm train eval`, llama.cpp in `edgellm convert --check-behaviour`), and the share of answers that pass every
+behaviour the run's ``eval`` sets: start with ``expect_prefix`` (Hammy's "Squeak!"), end with ``expect_suffix``
+(Olive's closing line), are exactly ``numbered_steps`` numbered lines (Pip's three steps), finish within
+``max_words`` words.
 
     behaviour_check(Path("runs/demo"), model.chat)   # {"pass_share": 0.9, "prompts": 40, "answers": [...], ...}
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,14 +57,22 @@ def behaviour_check(run: Path, answer: Answerer, max_prompts: int | None = None)
         reply = answer(p["messages"], config.eval.max_new_tokens)
         text = reply.text.strip()
         checks.append({"set": p["set"], "answer": text, **check_answer(text, reply.finished, config.eval)})
-    n = max(len(checks), 1)
-    return {
-        "pass_share": sum(c["pass"] for c in checks) / n,
-        "prefix_share": sum(c["prefix"] for c in checks) / n,
-        "within_words_share": sum(c["within_words"] for c in checks) / n,
-        "prompts": len(checks),
-        "answers": checks,
+    return {**shares(checks, config.eval), "prompts": len(checks), "answers": checks}
+
+
+def shares(checks: list[dict[str, Any]], settings: EvalSettings) -> dict[str, float]:
+    """``pass_share`` and a ``<check>_share`` for each behaviour ``settings`` ask for, over ``checks``
+    (`check_answer` results)."""
+    asked = {
+        "prefix": settings.expect_prefix,
+        "suffix": settings.expect_suffix,
+        "steps": settings.numbered_steps,
+        "within_words": settings.max_words,
     }
+    n = max(len(checks), 1)
+    out = {"pass_share": sum(c["pass"] for c in checks) / n}
+    out.update({f"{k}_share": sum(c[k] for c in checks) / n for k, v in asked.items() if v is not None})
+    return out
 
 
 def held_out_prompts(settings: EvalSettings, test: list[D.Example]) -> list[dict[str, Any]]:
@@ -84,14 +95,36 @@ def held_out_prompts(settings: EvalSettings, test: list[D.Example]) -> list[dict
     return out
 
 
+def has_behaviour(settings: EvalSettings) -> bool:
+    """Whether ``settings`` define any behaviour to check."""
+    return any(
+        v is not None
+        for v in (settings.expect_prefix, settings.expect_suffix, settings.numbered_steps, settings.max_words)
+    )
+
+
 def check_answer(answer: str, finished: bool, settings: EvalSettings) -> dict[str, Any]:
+    """Each behaviour check on one answer (a check the settings do not ask for passes) and ``pass``: all of them."""
     words = len(answer.split())
-    prefix = settings.expect_prefix is None or answer.startswith(settings.expect_prefix)
-    within = settings.max_words is None or (finished and words <= settings.max_words)
-    return {
-        "words": words,
-        "finished": finished,
-        "prefix": prefix,
-        "within_words": within,
-        "pass": prefix and within,
+    n_steps = numbered_steps(answer)
+    checks = {
+        "prefix": settings.expect_prefix is None or answer.startswith(settings.expect_prefix),
+        "suffix": settings.expect_suffix is None or answer.rstrip().endswith(settings.expect_suffix),
+        "steps": settings.numbered_steps is None or n_steps == settings.numbered_steps,
+        "within_words": settings.max_words is None or (finished and words <= settings.max_words),
     }
+    return {"words": words, "finished": finished, "numbered_steps": n_steps, **checks, "pass": all(checks.values())}
+
+
+_STEP = re.compile(r"(\d+)[.)]\s+\S")
+
+
+def numbered_steps(answer: str) -> int:
+    """How many numbered steps ``answer`` is: its non-empty lines are ``1. ...``, ``2. ...`` ... ``n. ...`` in order
+    and nothing else (``1)`` counts too); 0 when it is not such a list."""
+    lines = [line.strip() for line in answer.strip().splitlines() if line.strip()]
+    for i, line in enumerate(lines, start=1):
+        m = _STEP.match(line)
+        if m is None or int(m.group(1)) != i:
+            return 0
+    return len(lines)

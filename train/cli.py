@@ -96,7 +96,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--dtype", choices=["float16", "bfloat16"], help="the merged model's dtype")
     m.set_defaults(func=_merge)
 
-    e = sub.add_parser("eval", help="test loss and behaviour check, base vs merged (writes <run>/eval.json)")
+    e = sub.add_parser(
+        "eval",
+        help="test loss, perplexity, ROUGE-L, BLEU and behaviour share, base vs merged (writes <run>/eval.json)",
+    )
     e.add_argument("run", help="the run folder, e.g. runs/demo")
     e.add_argument(
         "--models",

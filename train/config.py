@@ -18,11 +18,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class EvalSettings(_Strict):
+    """`edgellm train eval`: loss on the test split and a behaviour check on greedy answers, base vs merged.
+
+    An answer passes when it meets every behaviour set here: it starts with ``expect_prefix``, ends with
+    ``expect_suffix`` (a fixed closing line), is exactly ``numbered_steps`` numbered lines (``1. ...``, ``2. ...``)
+    and finishes within ``max_words`` words."""
+
+    prompts: Path | None = None
+    use_test_split: bool = True
+    expect_prefix: str | None = None
+    expect_suffix: str | None = None
+    numbered_steps: int | None = Field(default=None, gt=0)
+    max_words: int | None = Field(default=None, gt=0)
+    max_new_tokens: int = Field(default=96, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+
+
 class DatasetSpec(_Strict):
     name: str = Field(
         pattern=r"^[A-Za-z0-9_.-]+$", description="adapter name; a folder under the run when several"
     )
     path: Path
+    # This dataset's behaviour check (a persona's own prompts and behaviour): the keys set here replace the recipe's
+    # `eval` keys for this adapter.
+    eval: EvalSettings | None = None
 
 
 class DataSettings(_Strict):
@@ -125,17 +145,6 @@ class MergeSettings(_Strict):
     compare_bases: bool = True
 
 
-class EvalSettings(_Strict):
-    """`edgellm train eval`: loss on the test split and a behaviour check on greedy answers, base vs merged."""
-
-    prompts: Path | None = None
-    use_test_split: bool = True
-    expect_prefix: str | None = None
-    max_words: int | None = Field(default=None, gt=0)
-    max_new_tokens: int = Field(default=96, gt=0)
-    batch_size: int = Field(default=8, gt=0)
-
-
 class TrainConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base_model: str = "base"
@@ -162,6 +171,12 @@ class TrainConfig(_Strict):
     def run_dir(self) -> Path:
         out = Path(self.output_dir)
         return (out if out.is_absolute() else Path.cwd() / out) / self.name
+
+    def eval_for(self, spec: DatasetSpec) -> EvalSettings:
+        """The recipe's ``eval`` with the keys ``spec.eval`` sets replaced (what this dataset's adapter is checked by)."""
+        if spec.eval is None:
+            return self.eval
+        return self.eval.model_copy(update={k: getattr(spec.eval, k) for k in spec.eval.model_fields_set})
 
     def adapter_dirs(self) -> dict[str, Path]:
         """Where each dataset's adapter run lives: the run folder itself, or one subfolder per dataset."""

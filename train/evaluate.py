@@ -1,9 +1,11 @@
 """`edgellm train eval runs/<name>`: did the fine-tune change the model, measured on data it never trained on?
 
-For each adapter folder: the loss on the test split of the base and of the merged model, and the behaviour check
-(`train.behaviour`) on greedy answers to held-out prompts (the test split's prompts and, optionally, a file of
-prompts unlike the training ones): the share of answers that start with ``eval.expect_prefix`` and end within
-``eval.max_words`` words. Results go to ``<folder>/eval.json``.
+For each adapter folder: the loss and perplexity on the test split of the base and of the merged model; ROUGE-L
+(F1, ``rouge-score``) and BLEU (``sacrebleu``) of their greedy answers to the test split's prompts against its
+reference answers; and the behaviour check (`train.behaviour`) on greedy answers to held-out prompts (the test
+split's prompts and, optionally, a file of prompts unlike the training ones): the share of answers that pass every
+behaviour the run's ``eval`` sets (a prefix, a closing line, numbered steps, a word limit). Results go to
+``<folder>/eval.json``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from typing import Any
 from edgellm.errors import EdgeLLMError
 from edgellm.fsutil import atomic_write_text
 from edgellm.train import data as D
-from edgellm.train.behaviour import check_answer, held_out_prompts
+from edgellm.train.behaviour import check_answer, has_behaviour, held_out_prompts, shares
 from edgellm.train.config import load_train_config
 from edgellm.train.merge import adapter_folders
-from edgellm.train.modeling import base_model_dir, load_tokenizer, mean_loss, pick_device
+from edgellm.train.modeling import base_model_dir, load_tokenizer, mean_loss, perplexity, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +75,14 @@ def evaluate_folder(folder: Path, which: tuple[str, ...] = ("base", "merged")) -
         summary: dict[str, Any] = {
             "path": path,
             "test_loss": loss,
+            "test_perplexity": perplexity(loss) if loss is not None else None,
             "seconds": round(time.perf_counter() - started, 1),
         }
-        if config.eval.expect_prefix is not None or config.eval.max_words is not None:
-            summary["pass_share"] = sum(c["pass"] for c in checks) / max(len(checks), 1)
-            summary["prefix_share"] = sum(c["prefix"] for c in checks) / max(len(checks), 1)
-            summary["within_words_share"] = sum(c["within_words"] for c in checks) / max(len(checks), 1)
+        on_test = [a for (a, _), p in zip(answers, prompts, strict=True) if p["set"] == "test"]
+        if on_test:
+            summary.update(reference_scores(on_test, [reference_answer(ex) for ex in test]))
+        if has_behaviour(config.eval):
+            summary.update(shares(checks, config.eval))
             summary["pass_share_extra_prompts"] = _share(
                 [c for c, p in zip(checks, prompts, strict=True) if p["set"] == "extra"]
             )
@@ -89,10 +93,36 @@ def evaluate_folder(folder: Path, which: tuple[str, ...] = ("base", "merged")) -
             p | {"answer": a} | c for p, (a, _), c in zip(prompts, answers, checks, strict=True)
         ]
         result["models"][label] = summary
-        log.info("%s: test loss %s, pass share %s", label, loss, summary.get("pass_share"))
+        log.info(
+            "%s: test loss %s, ROUGE-L %s, BLEU %s, pass share %s",
+            label,
+            loss,
+            summary.get("rouge_l"),
+            summary.get("bleu"),
+            summary.get("pass_share"),
+        )
         del model
     atomic_write_text(folder / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
+
+
+def reference_answer(example: D.Example) -> str:
+    """The last assistant turn of a test example: what a greedy answer to its prompt is scored against."""
+    return [m["content"] for m in example.as_messages() if m["role"] == "assistant"][-1]
+
+
+def reference_scores(answers: list[str], references: list[str]) -> dict[str, float]:
+    """``rouge_l``: mean ROUGE-L F1 (``rouge-score``, Porter stemming), 0-1; ``bleu``: corpus BLEU (``sacrebleu``,
+    its default 13a tokenization), 0-100; of ``answers`` against one reference each."""
+    if len(answers) != len(references):
+        raise EdgeLLMError(f"{len(answers)} answers for {len(references)} reference answers")
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(ref, ans)["rougeL"].fmeasure for ans, ref in zip(answers, references, strict=True)]
+    bleu = sacrebleu.corpus_bleu(answers, [references]).score
+    return {"rouge_l": sum(rouge) / max(len(rouge), 1), "bleu": float(bleu), "reference_answers": len(references)}
 
 
 def _share(checks: list[dict[str, Any]]) -> float | None:

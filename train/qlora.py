@@ -202,7 +202,10 @@ def prepare_folder(folder: Path, config: TrainConfig, spec: DatasetSpec) -> None
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _check_same_recipe(folder / "config.yaml", config)
-    resolved = config.model_copy(update={"datasets": [spec]})
+    # One dataset, and the behaviour check its adapter is held to at the top (its own `eval` keys applied).
+    resolved = config.model_copy(
+        update={"datasets": [spec.model_copy(update={"eval": None})], "eval": config.eval_for(spec)}
+    )
     atomic_write_text(folder / "config.yaml", dump_config(resolved))
 
 
