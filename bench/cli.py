@@ -1,6 +1,6 @@
-"""`edgellm bench quant|serve|engines|grammar|rerank|embed`: a thin layer over `bench.quant.bench_quant`,
-`bench.loadtest.bench_serve`, `bench.engine_speed.compare_engines`, `bench.grammar_speed.compare_grammar_speed` and
-`bench.retrieval_speed.bench_retrieval`.
+"""`edgellm bench quant|serve|engines|grammar|rerank|embed|soak`: a thin layer over `bench.quant.bench_quant`,
+`bench.loadtest.bench_serve`, `bench.engine_speed.compare_engines`, `bench.grammar_speed.compare_grammar_speed`,
+`bench.retrieval_speed.bench_retrieval` and `bench.soak.bench_soak`.
 
 edgellm bench quant models/demo/ --out reports/demo/
 edgellm bench serve --url http://127.0.0.1:8000 --concurrency 1,2,4,8 --requests 32 --out reports/serve/
@@ -119,6 +119,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         r.add_argument("--out", type=Path, default=None, help=f"folder for {kind}.json, {kind}.md and {kind}.png")
         r.set_defaults(func=_retrieval, kind=kind)
 
+    k = bsub.add_parser(
+        "soak",
+        help="minutes of mixed traffic against one server: its RSS and file descriptors over time, errors, p95",
+        description="Streams, non-streamed chats, streams dropped after their first token, malformed bodies, rerank "
+        "and embeddings requests, drawn at random (seeded) by --concurrency clients for --minutes, against --url or a "
+        "server started here on loopback; samples the server's RSS, open file descriptors and threads. Reports "
+        "outcomes by kind, p95 latency and RSS growth after warm-up; --out writes soak.json, soak.md and soak.png.",
+    )
+    k.add_argument("--minutes", type=float, default=20.0, help="length of the run (default: 20)")
+    k.add_argument("--url", default=None, help="a running server on loopback (default: start one)")
+    k.add_argument("--pid", type=int, default=None, help="its process id (default: the one listening on its port)")
+    k.add_argument("--chat-model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), help="a GGUF")
+    k.add_argument("--threads", type=int, default=None, help="decoding threads of a server started here")
+    k.add_argument("--concurrency", type=int, default=4, help="clients sending requests back to back (default: 4)")
+    k.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each chat request (default: 32)")
+    k.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples (default: 5)")
+    k.add_argument("--warmup", type=float, default=0.2, help="fraction of the run before RSS is compared (default: 0.2)")
+    k.add_argument("--out", type=Path, default=None, help="folder for soak.json, soak.md and soak.png")
+    k.set_defaults(func=_soak)
+
 
 def _quant(args: argparse.Namespace) -> int:
     from edgellm.bench.quant import bench_quant
@@ -209,6 +229,27 @@ def _retrieval(args: argparse.Namespace) -> int:
         batch=args.batch,
         threads=args.threads,
         chat_tokens=args.chat_tokens,
+        out=args.out,
+    )
+    return _print_report(table(result), result.files)
+
+
+def _soak(args: argparse.Namespace) -> int:
+    import logging
+
+    from edgellm.bench.soak import bench_soak, table
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    result = bench_soak(
+        minutes=args.minutes,
+        url=args.url,
+        pid=args.pid,
+        chat_model=args.chat_model,
+        threads=args.threads,
+        concurrency=args.concurrency,
+        max_tokens=args.max_tokens,
+        sample_s=args.sample_s,
+        warmup=args.warmup,
         out=args.out,
     )
     return _print_report(table(result), result.files)

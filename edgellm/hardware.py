@@ -39,3 +39,31 @@ def physical_cores() -> int:
 def default_threads() -> int:
     """Threads for llama.cpp when a setting gives none: physical cores, at most the CPUs this process may use."""
     return max(1, min(physical_cores(), usable_cpus()))
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: the kernel's MemAvailable, or the room left under a cgroup (v2)
+    memory limit (a container's) when that is smaller; the physical memory where neither can be read."""
+    amounts: list[int] = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    amounts.append(int(line.split()[1]) * 1024)
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                amounts.append(max(0, int(limit) - int(f.read().strip())))
+    except (OSError, ValueError):
+        pass
+    if not amounts:
+        try:
+            amounts.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (OSError, ValueError, AttributeError):
+            return 8 * 1024**3  # unknown: assume a small laptop
+    return min(amounts)

@@ -1,6 +1,8 @@
 """``create_app(settings)``: the Starlette application. The lifespan builds the server's state, loads the models
-(then the embedder, then the reranker) in the background (/health answers 503 until the chat models are ready; the
-embeddings and rerank routes answer 503 until theirs are) and closes them at shutdown. No module-level state."""
+(then the embedder, then the reranker, each checked with one tiny call) in the background and closes them at
+shutdown. /health is 200 only once every configured part answers (503 naming the parts still loading, or draining);
+/livez is 200 as soon as the process serves. ``DrainMiddleware`` and the ``Drain`` (``drain.py``) carry the graceful
+drain on SIGTERM. No module-level state."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -16,15 +19,23 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
+from edgellm.serve.drain import Drain, DrainMiddleware
 from edgellm.serve.engine import Engine, ModelSpec, build_engine
 from edgellm.serve.errors import exception_handlers
 from edgellm.serve.http import EmbedderState, ModelState, RerankerState, ServerState
+from edgellm.serve.metrics import HTTPMetricsMiddleware, Metrics
 from edgellm.serve.routes.embeddings import embeddings
 from edgellm.serve.routes.generate import chat_completions, completions
-from edgellm.serve.routes.info import health, list_models
+from edgellm.serve.routes.info import health, list_models, livez
+from edgellm.serve.routes.metrics import metrics as metrics_route
+from edgellm.serve.routes.models import load_model, unload_model
+from edgellm.serve.routes.ollama import ollama_routes
 from edgellm.serve.routes.page import chat_page
 from edgellm.serve.routes.rerank import rerank
-from edgellm.serve.settings import EmbedderSettings, RerankerSettings, ServeSettings
+from edgellm.serve.routes.slots import slots
+from edgellm.serve.routes.tokenize import apply_template, detokenize, tokenize
+from edgellm.serve.settings import EmbedderSettings, ModelsDir, RerankerSettings, ServeSettings
+from edgellm.serve.sizing import plan_contexts
 
 if TYPE_CHECKING:
     from edgellm.serve.engine.embed import Embedder
@@ -36,23 +47,55 @@ EngineFactory = Callable[[ServeSettings], Engine]
 
 
 def model_specs(settings: ServeSettings) -> list[ModelSpec]:
-    """The configured models as the engine takes them: flat, typed, independent of the settings file."""
+    """The configured models as the engine takes them: flat, typed, independent of the settings file. A model with
+    ``n_ctx: null`` gets a context sized to this machine (``sizing.plan_contexts``, which logs the plan)."""
+    slots = settings.slots if settings.engine == "batched" else 1
+    plans = plan_contexts([(m.name, m.path, m.n_ctx) for m in settings.models], slots)
     return [
         ModelSpec(
             name=m.name,
             path=m.path,
-            n_ctx=m.n_ctx,
+            n_ctx=plan.n_ctx,
             n_threads=m.n_threads,
             n_gpu_layers=m.n_gpu_layers,
             n_batch=m.n_batch,
+            chat_template=m.chat_template.read_text(encoding="utf-8") if m.chat_template else None,
         )
-        for m in settings.models
+        for m, plan in zip(settings.models, plans, strict=True)
     ]
+
+
+def dir_catalog(settings: ServeSettings) -> Callable[[], list[ModelSpec]] | None:
+    """The chat models in ``models_dir`` as specs (``model_defaults``; an ``n_ctx: null`` planned once per file,
+    as if the model were alone), rescanned on each call; None without a ``models_dir``."""
+    if settings.models_dir is None:
+        return None
+    folder, d = ModelsDir(settings.models_dir), settings.model_defaults
+    slots = settings.slots if settings.engine == "batched" else 1
+    n_ctx: dict[tuple[str, Path], int] = {}
+
+    def scan() -> list[ModelSpec]:
+        specs = []
+        for name, path in folder.scan():
+            if (name, path) not in n_ctx:
+                n_ctx[(name, path)] = d.n_ctx or plan_contexts([(name, path, None)], slots)[0].n_ctx
+            specs.append(ModelSpec(name=name, path=path, n_ctx=n_ctx[(name, path)], n_threads=d.n_threads,
+                                   n_gpu_layers=d.n_gpu_layers, n_batch=d.n_batch))
+        return specs
+
+    return scan
 
 
 def _default_engine_factory(settings: ServeSettings) -> Engine:
     return build_engine(
-        settings.engine, model_specs(settings), slots=settings.slots, queue_size=settings.queue_size
+        settings.engine,
+        model_specs(settings),
+        slots=settings.slots,
+        queue_size=settings.queue_size,
+        catalog=dir_catalog(settings),
+        max_loaded=settings.max_loaded_models,
+        keep_alive=settings.keep_alive,
+        load_timeout=settings.load_timeout,
     )
 
 
@@ -107,6 +150,30 @@ def _load_embedder(e: EmbedderSettings) -> Embedder:
     )
 
 
+def _answering_reranker(r: RerankerSettings) -> Reranker:
+    """The loaded reranker, once it has answered one tiny request (readiness means it answers)."""
+    log.info("loading the reranker %s from %s", r.name, r.path)
+    reranker = _load_reranker(r)
+    try:
+        reranker.rerank("ready?", ["ready"])
+    except BaseException:
+        reranker.close()
+        raise
+    return reranker
+
+
+def _answering_embedder(e: EmbedderSettings) -> Embedder:
+    """The loaded embedder, once it has answered one tiny request."""
+    log.info("loading the embedder %s from %s", e.name, e.path)
+    embedder = _load_embedder(e)
+    try:
+        embedder.embed(["ready"])
+    except BaseException:
+        embedder.close()
+        raise
+    return embedder
+
+
 async def _load_into(state: ModelState[Any], what: str, load: Callable[[], Any]) -> None:
     try:
         state.model = await asyncio.to_thread(load)
@@ -115,17 +182,30 @@ async def _load_into(state: ModelState[Any], what: str, load: Callable[[], Any])
         state.error = str(e)
 
 
-def create_app(settings: ServeSettings, engine_factory: EngineFactory | None = None) -> Starlette:
-    """Build the app. ``engine_factory`` replaces the llama.cpp engine (unit tests use a fake one)."""
+def create_app(
+    settings: ServeSettings, engine_factory: EngineFactory | None = None, drain: Drain | None = None
+) -> Starlette:
+    """Build the app. ``engine_factory`` replaces the llama.cpp engine (unit tests use a fake one); ``drain`` is
+    the one the server's signal handler starts (``drain.DrainingServer``; default: a new one, started by nobody)."""
     factory = engine_factory or _default_engine_factory
+    drain = drain or Drain(settings.shutdown_timeout)
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, ServerState]]:
-        state = ServerState(settings=settings)
+        state = ServerState(settings=settings, drain=drain, metrics=metrics)
         if settings.reranker is not None:
-            state.reranker = RerankerState(limiter=anyio.CapacityLimiter(1))
+            state.reranker = RerankerState(
+                limiter=anyio.CapacityLimiter(1),
+                max_waiting=settings.reranker.max_waiting,
+                observe=lambda seconds, items: metrics.observe_retrieval("rerank", seconds, items),
+            )
         if settings.embedder is not None:
-            state.embedder = EmbedderState(limiter=anyio.CapacityLimiter(1))
+            state.embedder = EmbedderState(
+                limiter=anyio.CapacityLimiter(1),
+                max_waiting=settings.embedder.max_waiting,
+                observe=lambda seconds, items: metrics.observe_retrieval("embeddings", seconds, items),
+            )
 
         async def load() -> None:
             try:
@@ -137,9 +217,11 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory | None = N
                 state.load_error = str(e)
                 return
             if state.embedder is not None and (embedder := settings.embedder) is not None:
-                await _load_into(state.embedder, "embedder", lambda: _load_embedder(embedder))
+                await _load_into(state.embedder, "embedder", lambda: _answering_embedder(embedder))
             if state.reranker is not None and (reranker := settings.reranker) is not None:
-                await _load_into(state.reranker, "reranker", lambda: _load_reranker(reranker))
+                await _load_into(state.reranker, "reranker", lambda: _answering_reranker(reranker))
+            if state.readiness()["status"] == "ok":
+                log.info("ready: every configured part answers")
 
         loader = asyncio.create_task(load())
         try:
@@ -157,13 +239,22 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory | None = N
     routes = [
         Route("/", chat_page, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/livez", livez, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+        Route("/slots", slots, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/models/load", load_model, methods=["POST"]),
+        Route("/models/unload", unload_model, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/rerank", rerank, methods=["POST"]),
         Route("/rerank", rerank, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/embeddings", embeddings, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/apply-template", apply_template, methods=["POST"]),
+        *ollama_routes(),
     ]
     middleware = []
     if settings.cors_origins:
@@ -176,6 +267,8 @@ def create_app(settings: ServeSettings, engine_factory: EngineFactory | None = N
                 allow_credentials=False,
             )
         )
+    middleware.append(Middleware(DrainMiddleware, drain=drain))  # inside CORS: its 503s carry the CORS headers
+    middleware.append(Middleware(HTTPMetricsMiddleware, metrics=metrics, paths={r.path for r in routes}))
     return Starlette(
         routes=routes,
         middleware=middleware,

@@ -12,6 +12,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("configs/serve.yaml")
+STARTUP_FAILURE = 3  # uvicorn's exit code when the server cannot start (port taken, lifespan failed)
 _SCALARS = (str, int, float, bool)
 
 
@@ -52,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve this GGUF (or every variant of a convert manifest.json) instead of the configured models; repeatable",
     )
     p.add_argument(
+        "--models-dir",
+        type=Path,
+        metavar="DIR",
+        help="serve every GGUF and convert manifest under DIR, each loaded on its first request (instead of the "
+        "configured models, unless --model is given too); files added later appear without a restart",
+    )
+    p.add_argument(
         "--reranker",
         type=Path,
         metavar="PATH",
@@ -86,6 +94,10 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     if args.model_paths:
         template = ModelSettings.model_validate({"name": "x", "path": "x"})
         overrides["models"] = models_from_paths(args.model_paths, template)
+    if args.models_dir:
+        overrides["models_dir"] = str(args.models_dir)
+        if not args.model_paths:
+            overrides["models"] = []
     if args.reranker:
         overrides["reranker"] = {"path": str(args.reranker)}
     if args.embedder:
@@ -100,19 +112,26 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT, then drain (``serve/drain.py``): exit 0 once the requests in flight have finished
+    or been ended after ``shutdown_timeout`` seconds; 3 if the server could not start (uvicorn's code)."""
     import uvicorn
 
     from edgellm.serve.app import create_app
+    from edgellm.serve.drain import Drain, DrainingServer
 
     settings = settings_from_args(args)
     logging.getLogger().setLevel(settings.log_level.upper())
-    names = ", ".join(m.name for m in settings.models)
+    names = ", ".join([m.name for m in settings.models] + ([f"{settings.models_dir}/*"] if settings.models_dir else []))
     print(f"edgellm serve: {names} on http://{settings.host}:{settings.port} (engine: {settings.engine})", flush=True)
-    uvicorn.run(
-        create_app(settings),
+    drain = Drain(settings.shutdown_timeout)
+    config = uvicorn.Config(
+        create_app(settings, drain=drain),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # after the drain: the last responses' time to go out before uvicorn cancels them
         timeout_graceful_shutdown=5,
     )
-    return 0
+    server = DrainingServer(config, drain)
+    server.run()
+    return 0 if server.started else STARTUP_FAILURE

@@ -1,7 +1,10 @@
 """OpenAI request bodies, validated; ``to_generation_request`` turns them into engine requests.
 
-Unknown fields are accepted and ignored (clients send many), except those whose meaning we would silently
-drop: they get a 400 that says so.
+**No silent drops.** A field is either honoured (declared on the models below), or client metadata that changes
+nothing in the answer (``METADATA_FIELDS``: accepted and ignored), or a known OpenAI / llama-server field the server
+does not honour, accepted only at the value that asks for nothing (``NEUTRAL``: e.g. ``mirostat: 0``,
+``modalities: ["text"]``), or else a 400 that names it; a field known to neither list is a 400 too. ``null`` is
+always "not given".
 
 Structured output: ``response_format`` (``text``, ``json_object``, ``json_schema``) and llama-server's
 ``json_schema`` and ``grammar`` fields, on chat and completions; tools (chat): ``tools``, ``tool_choice``,
@@ -13,9 +16,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgellm.serve.engine.base import ChatMessage, GenerationRequest, NamedTool, SamplingParams, ToolChoice
 from edgellm.serve.engine.grammar import SchemaError, check_schema
@@ -26,6 +31,92 @@ T = TypeVar("T", bound=BaseModel)
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_GRAMMAR_CHARS = 100_000
 MAX_GRAMMAR_NESTING = 64
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's bound)
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI's bound)
+TOKEN_ID = re.compile(r"^[0-9]{1,9}$")
+
+# Fields that only describe the client or the call, never the answer: accepted and ignored.
+METADATA_FIELDS = frozenset({"user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"})
+
+# OpenAI and llama-server fields the server does not honour, each with the values that ask for nothing (what the
+# server does anyway); any other value is a 400 naming the field.
+NEUTRAL: Mapping[str, tuple[Any, ...]] = MappingProxyType({
+    # OpenAI chat
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "web_search_options": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "functions": ([],),
+    "function_call": ("none",),
+    # llama-server
+    "n_probs": (0,),
+    "post_sampling_probs": (False,),
+    "mirostat": (0,),
+    "mirostat_tau": (5.0,),
+    "mirostat_eta": (0.1,),
+    "typical_p": (1.0,),
+    "top_n_sigma": (-1.0,),
+    "dynatemp_range": (0.0,),
+    "dynatemp_exponent": (1.0,),
+    "xtc_probability": (0.0,),
+    "xtc_threshold": (0.1,),
+    "dry_multiplier": (0.0,),
+    "dry_base": (1.75,),
+    "dry_allowed_length": (2,),
+    "dry_penalty_last_n": (-1,),
+    "dry_sequence_breakers": (),
+    "n_keep": (0,),
+    "n_discard": (0,),
+    "n_indent": (0,),
+    "n_cmpl": (1,),
+    "t_max_predict_ms": (0,),
+    "cache_prompt": (True,),
+    "id_slot": (-1,),
+    "ignore_eos": (False,),
+    "samplers": (),
+    "min_keep": (0,),
+    "return_tokens": (False,),
+    "return_progress": (False,),
+    "timings_per_token": (False,),
+    "lora": ([],),
+    "grammar_lazy": (False,),
+    "grammar_triggers": ([],),
+    "preserved_tokens": ([],),
+    "response_fields": ([],),
+    "chat_template_kwargs": ({},),
+    "chat_template": (),
+    "reasoning_format": ("none",),
+    "reasoning_budget": (-1,),
+    "enable_thinking": (False,),
+    "thinking_forced_open": (False,),
+    "parse_tool_calls": (True,),
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "backend_sampling": (False,),
+})
+STREAM_OPTIONS_IGNORED = frozenset({"include_obfuscation"})  # OpenAI's padding of stream events: changes no text
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality that tells booleans from numbers."""
+    return type(a) is type(b) and a == b if isinstance(a, bool) or isinstance(b, bool) else a == b
+
+
+def check_fields(extra: Mapping[str, Any] | None, where: str = "") -> None:
+    """The 400 for a field the server would otherwise drop (see the module docstring)."""
+    for name, value in (extra or {}).items():
+        if value is None or name in METADATA_FIELDS:
+            continue
+        if name in NEUTRAL:
+            if any(_same(value, ok) for ok in NEUTRAL[name]):
+                continue
+            raise APIError(400, f"'{where}{name}' is not supported by this server; remove it (or send null)")
+        raise APIError(400, f"'{where}{name}' is not a request field this server knows; remove it")
 
 
 class TextPart(BaseModel):
@@ -78,16 +169,22 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
+    def check(self) -> None:
+        extra = {k: v for k, v in (self.model_extra or {}).items() if k not in STREAM_OPTIONS_IGNORED}
+        check_fields(extra, "stream_options.")
+
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
+    n_predict: Annotated[int, Field(ge=-1)] | None = None  # llama-server's max_tokens (-1: as many as allowed)
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.8
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.95
     top_k: Annotated[int, Field(ge=0)] = 40
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
     repeat_penalty: Annotated[float, Field(gt=0.0)] = 1.0
+    repeat_last_n: Annotated[int, Field(ge=-1, le=1_000_000)] = 64
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     seed: int | None = None
@@ -95,15 +192,42 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1)] = 1
+    logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     json_schema: dict[str, Any] | None = None
     grammar: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        """A field sent as null takes its default, as if it was not sent (clients send nulls for what they do not
+        set)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError("at most 16 stop strings")
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string is at most {MAX_STOP_CHARS} characters")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for key, bias in v.items():
+            if not TOKEN_ID.match(key):
+                raise ValueError(f"keys are token ids (decimal strings), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"a bias is between -100 and 100, got {bias} for token {key}")
         return v
 
     def include_usage(self) -> bool:
@@ -113,21 +237,35 @@ class _Sampling(BaseModel):
         """(JSON schema the answer must validate against, or None; GBNF grammar, or None), checked."""
         return structured_output(self.response_format, self.json_schema, self.grammar)
 
-    def sampling(self, default_max_tokens: int, cap: int) -> SamplingParams:
-        if self.n != 1:
-            raise APIError(400, "only n=1 is supported")
+    def check_fields(self, max_n: int) -> None:
+        """400 for fields the server does not honour (see ``check_fields``) and for ``n`` above ``max_n``."""
+        check_fields(self.model_extra)
+        if self.stream_options is not None:
+            self.stream_options.check()
+        if self.n > max_n:
+            raise APIError(400, f"'n': at most {max_n} choices per request (the server's max_n), got {self.n}")
+
+    def sampling(self, default_max_tokens: int, cap: int, logprobs: int | None) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        max_tokens = self.max_tokens
+        if max_tokens is None and self.n_predict is not None:
+            if self.n_predict == 0:
+                raise APIError(400, "'n_predict' must be -1 (as many as allowed) or at least 1")
+            max_tokens = cap if self.n_predict < 0 else self.n_predict
         return SamplingParams(
-            max_tokens=min(self.max_tokens or default_max_tokens, cap),
+            max_tokens=min(max_tokens or default_max_tokens, cap),
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             min_p=self.min_p,
             repeat_penalty=self.repeat_penalty,
+            repeat_last_n=self.repeat_last_n,
             frequency_penalty=self.frequency_penalty,
             presence_penalty=self.presence_penalty,
             seed=self.seed,
             stop=tuple(s for s in stops if s),
+            logprobs=logprobs,
+            logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
         )
 
 
@@ -137,8 +275,14 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
-    def to_generation_request(self, model: str, default_max_tokens: int, cap: int) -> GenerationRequest:
+    def to_generation_request(self, model: str, default_max_tokens: int, cap: int, max_n: int) -> GenerationRequest:
+        self.check_fields(max_n)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         if all(not m.text().strip() and not m.tool_calls for m in self.messages):
@@ -152,12 +296,13 @@ class ChatCompletionRequest(_Sampling):
         return GenerationRequest(
             model=model,
             messages=tuple(m.to_chat_message() for m in self.messages),
-            params=self.sampling(default_max_tokens, cap),
+            params=self.sampling(default_max_tokens, cap, logprobs),
             tools=tools or None,
             tool_choice=choice,
             parallel_tool_calls=self.parallel_tool_calls,
             json_schema=schema,
             grammar=grammar,
+            n=self.n,
         )
 
 
@@ -165,8 +310,17 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str]
     echo: bool = False
     suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
 
-    def to_generation_request(self, model: str, default_max_tokens: int, cap: int) -> GenerationRequest:
+    def to_generation_request(self, model: str, default_max_tokens: int, cap: int, max_n: int) -> GenerationRequest:
+        self.check_fields(max_n)
+        if self.echo:
+            raise APIError(400, "'echo' is not supported by this server; remove it (or send false)")
+        if self.suffix:
+            raise APIError(400, "'suffix' is not supported by this server (no fill-in-the-middle); remove it")
+        if self.best_of is not None and self.best_of not in (1, self.n):
+            raise APIError(400, f"'best_of' is not supported by this server beyond best_of = n; got {self.best_of}")
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -174,15 +328,14 @@ class CompletionRequest(_Sampling):
             prompt = prompt[0]
         if not prompt:
             raise APIError(400, "'prompt' is empty")
-        if self.echo or self.suffix:
-            raise APIError(400, "'echo' and 'suffix' are not supported")
         schema, grammar = self.structured_output()
         return GenerationRequest(
             model=model,
             prompt=prompt,
-            params=self.sampling(default_max_tokens, cap),
+            params=self.sampling(default_max_tokens, cap, self.logprobs),
             json_schema=schema,
             grammar=grammar,
+            n=self.n,
         )
 
 

@@ -22,7 +22,7 @@ import os
 import random
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,13 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
-from edgellm.serve.engine.base import ChatMessage, GenerationRequest, InvalidPromptError, SamplingParams  # noqa: E402
+from edgellm.serve.engine.base import (  # noqa: E402
+    ChatMessage,
+    GenerationRequest,
+    InvalidPromptError,
+    InvalidRequestError,
+    SamplingParams,
+)
 from edgellm.serve.engine.prompt import CHATML, MARK_END, MARK_START, ChatTemplate  # noqa: E402
 from edgellm.serve.engine.tokens import (  # noqa: E402
     PromptTokenizer,
@@ -640,7 +646,8 @@ def test_gemma3_gguf_prompt_ids_equal_transformers(gemma3: VocabModel) -> None:
 
 @pytest.mark.parametrize("engine_kind", ["batched", "serial"])
 def test_engines_decode_the_template_ids(families, family_models, engine_kind: str) -> None:
-    """The engines admit exactly these ids (a tool round trip through Llama 3.2's template)."""
+    """The batched engine admits exactly these ids (a tool round trip through Llama 3.2's template); the serial
+    engine, which cannot constrain tool calls, refuses the request by name instead of answering unconstrained."""
     from edgellm.serve.engine import BatchedEngine, Finished, ModelSpec, SerialEngine
 
     _, gguf = families["llama3"]
@@ -659,10 +666,20 @@ def test_engines_decode_the_template_ids(families, family_models, engine_kind: s
         spec = ModelSpec(name="tiny", path=gguf, n_ctx=512, n_threads=1)
         engine = BatchedEngine([spec], slots=1) if engine_kind == "batched" else SerialEngine([spec])
         try:
+            if engine_kind == "serial":
+                with pytest.raises(InvalidRequestError, match="batched engine"):
+                    await engine.submit(request)
+                plain = replace(request, messages=tuple(as_messages(CHATS[0])), tools=None)
+                events = [e async for e in await engine.submit(plain)]
+                assert isinstance(events[-1], Finished)
+                assert events[-1].prompt_tokens == len(hf_ids(tokenizer, CHATS[0], None))
+                return events[-1]
             events = [e async for e in await engine.submit(request)]
         finally:
             await engine.close()
         assert isinstance(events[-1], Finished)
         return events[-1]
 
-    assert asyncio.run(main()).prompt_tokens == len(expected)
+    finished = asyncio.run(main())
+    if engine_kind == "batched":
+        assert finished.prompt_tokens == len(expected)

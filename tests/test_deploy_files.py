@@ -53,3 +53,17 @@ def test_the_torchless_image_serves_the_configured_retrieval_models() -> None:
     env = compose["services"]["edgellm"]["environment"]
     assert "EDGELLM_SERVE__RERANKER" not in env and "EDGELLM_SERVE__EMBEDDER" not in env
     assert re.search(r"EXTRAS:\s*serve\s*$", (REPO / "docker-compose.yml").read_text(), flags=re.M)
+
+
+def test_compose_serves_the_models_folder_on_demand() -> None:
+    """The edge-box service serves the mounted folder with --models-dir, with settings that validate."""
+    from edgellm.serve.settings import load_serve_settings
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    svc = compose["services"]["edgellm"]
+    command = svc["command"]
+    assert command[:2] == ["edgellm", "serve"] and command[command.index("--models-dir") + 1] == "/app/models"
+    assert "./models:/app/models:ro" in svc["volumes"]
+    env = {k: str(v) for k, v in svc["environment"].items()}
+    settings = load_serve_settings(REPO / "configs" / "serve.yaml", {"models_dir": str(REPO / "models")}, environ=env)
+    assert settings.max_loaded_models == 2 and settings.keep_alive == 300

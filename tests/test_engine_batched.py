@@ -150,7 +150,8 @@ def test_a_long_prefix_in_another_slot_is_copied() -> None:
     slot = table.slots[1]
     assert table.reuse_prefix(slot, [*shared, 7, 8]) == len(shared)
     assert slot.cache == shared
-    assert memory.calls == [("cp", 0, 1, -1, -1), ("rm", 1, len(shared), -1)]
+    # the slot is emptied first (in a unified cache the copied cells would sit beside its own), then copied, trimmed
+    assert memory.calls == [("rm", 1, -1, -1), ("cp", 0, 1, -1, -1), ("rm", 1, len(shared), -1)]
     short = SlotTable(2, FakeMemory(), copy_min_tokens=16)
     short.slots[0].cache = [1, 2, 3]
     assert short.reuse_prefix(short.slots[1], [1, 2, 3, 4]) == 0, "3 tokens are cheaper to recompute than to copy"

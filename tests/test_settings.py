@@ -41,7 +41,7 @@ def test_unknown_nested_key_names_key_and_line(tmp_path: Path) -> None:
 
 def test_missing_models_is_reported(tmp_path: Path) -> None:
     p = write(tmp_path, "port: 8000\n")
-    with pytest.raises(ConfigError, match=r"models: Field required"):
+    with pytest.raises(ConfigError, match=r"no models: list some under `models` or serve a folder"):
         load_serve_settings(p, environ={})
 
 

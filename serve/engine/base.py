@@ -5,6 +5,10 @@ An engine owns its models and its scheduling. Routes build a ``GenerationRequest
 ``EngineError`` before anything is queued), then iterate the returned ``Generation`` for ``TextDelta`` events and
 one final ``Finished``. Closing the generation early (client disconnect) cancels it; the engine frees the model
 for the next request within a step.
+
+A request with ``n > 1`` has ``n`` choices: its events carry ``choice`` (0..n-1), interleaved, and the generation ends
+after the ``n``-th ``Finished``. With ``params.logprobs`` set, each ``TextDelta`` carries the ``TokenLogprob`` of the
+tokens whose text it completes.
 """
 
 from __future__ import annotations
@@ -82,7 +86,11 @@ class Grammar:
 class SamplingParams:
     """Per-request sampling, with llama.cpp's semantics. ``temperature <= 0`` is greedy. ``grammar`` constrains
     the output; ``preserved_tokens`` are special tokens whose text is part of the output (tool-call markers such
-    as ``[TOOL_CALLS]``, as llama-server's ``preserved_tokens``)."""
+    as ``[TOOL_CALLS]``, as llama-server's ``preserved_tokens``).
+
+    ``logprobs``: None, or report each sampled token's log-probability and its ``logprobs`` likeliest alternatives
+    (0: none), from the model's distribution before sampling (the raw logits' log-softmax, as llama-server).
+    ``logit_bias``: ``(token id, bias)`` pairs added to the logits before sampling (``-inf``: banned)."""
 
     max_tokens: int = 256
     temperature: float = 0.8
@@ -97,6 +105,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     grammar: Grammar | None = None
     preserved_tokens: frozenset[int] = frozenset()
+    logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,8 @@ class GenerationRequest:
     Tools (chat only): ``tools`` in OpenAI's shape (``{"type": "function", "function": {"name", "description",
     "parameters"}}``); with ``tool_choice`` ``auto`` the model may answer or call tools, ``required`` or a
     ``NamedTool`` make the answer calls (several only with ``parallel_tool_calls``), ``none`` never calls. Calls
-    come back as ``ToolCallDelta`` events and ``Finished.finish_reason == "tool_calls"``."""
+    come back as ``ToolCallDelta`` events and ``Finished.finish_reason == "tool_calls"``.
+    ``n``: choices to generate from the one prompt (evaluated once); choice ``i`` samples with seed ``seed + i``."""
 
     model: str
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -142,11 +153,26 @@ class GenerationRequest:
     parallel_tool_calls: bool = True
     json_schema: Any = None
     grammar: str | None = None
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its bytes, its log-probability and (for a sampled token) its likeliest alternatives, best first.
+    ``offset``: where the token's text starts in its choice's text (characters)."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+    offset: int = 0
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    choice: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -179,6 +205,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
+    choice: int = 0
 
 
 @dataclass(frozen=True)
@@ -190,6 +217,7 @@ class ToolCallDelta:
     id: str | None = None
     name: str | None = None
     arguments: str = ""
+    choice: int = 0
 
 
 Event = TextDelta | ToolCallDelta | Finished
@@ -213,10 +241,47 @@ class ModelInfo:
     created: int
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A model's live state, for /metrics (``None``: this engine does not track it)."""
+
+    model: str
+    slots_total: int | None = None
+    slots_busy: int | None = None
+    waiting: int | None = None  # queued, not yet in a slot (llama-server's "deferred")
+    n_decode: int | None = None  # llama_decode calls so far
+    busy_slots_per_decode: float | None = None  # sequences per llama_decode call, on average
+    kv_tokens: int | None = None  # tokens whose KV the slots hold
+    kv_capacity: int | None = None
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """One slot of a model, as llama-server's /slots reports it (no prompt text)."""
+
+    model: str
+    id: int
+    n_ctx: int
+    is_processing: bool
+    n_cached: int  # tokens whose KV the slot holds (kept after its request, for prefix reuse)
+    n_prompt: int = 0  # the current request's prompt tokens
+    n_decoded: int = 0
+    n_remain: int = 0  # tokens the current request may still generate
+    choice: int = 0
+
+
 class Engine(Protocol):
     """What the routes need from an engine. Implementations own their threads and scheduling."""
 
     def models(self) -> list[ModelInfo]: ...
+
+    def stats(self) -> list[EngineStats]:
+        """Each model's live state (cheap, lock-free reads: a snapshot for /metrics)."""
+        ...
+
+    def slots(self) -> list[SlotInfo]:
+        """Every model's slots (for /slots)."""
+        ...
 
     def has_model(self, name: str) -> bool: ...
 

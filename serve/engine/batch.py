@@ -60,7 +60,7 @@ class BatchBuilder:
         batch = self.batch
         tok, pos, nseq, seq, out = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
         n = 0
-        generating = [s for s in active if not s.pending]
+        generating = [s for s in active if not s.pending and s.leader is None]  # followers wait for the prompt
         for s in generating:
             tok[n] = s.next_token
             pos[n] = len(s.cache)

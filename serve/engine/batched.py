@@ -15,7 +15,10 @@ sampler chains. This module composes the pieces; each lives in a module of its o
 2. frees the slots of cancelled requests (client gone),
 3. builds one ``llama_batch`` (``BatchBuilder``),
 4. runs one ``llama_decode``, samples each sequence that has an output with its own sampler chain, detokenizes
-   incrementally and emits the text.
+   incrementally and emits the text (with the tokens' logprobs, for the requests that asked: ``logprobs.py``).
+
+A request with ``n`` choices waits until ``n`` slots are free and takes them together: one reads the prompt, the
+others get a copy of its KV and sample from its logits (``SlotTable.fork``), each with its own sampler chain.
 
 ``BatchedEngine.submit`` plans a request that asks for structured output or tools (``StructuredOutput.plan``:
 its grammar parsed and checked before anything is queued, its messages rewritten for a template without tool
@@ -38,6 +41,7 @@ from collections import deque
 
 from edgellm.serve.engine.base import (
     EngineOverloadedError,
+    EngineStats,
     EngineUnavailableError,
     Event,
     Finished,
@@ -45,13 +49,17 @@ from edgellm.serve.engine.base import (
     Generation,
     GenerationRequest,
     InvalidRequestError,
+    SamplingParams,
+    SlotInfo,
     TextDelta,
     Timings,
+    TokenLogprob,
 )
 from edgellm.serve.engine.batch import BatchBuilder
 from edgellm.serve.engine.context import LlamaContext
 from edgellm.serve.engine.detok import Detokenizer, StopMatcher
 from edgellm.serve.engine.grammar import GrammarCache
+from edgellm.serve.engine.logprobs import LogprobQueue, token_logprob
 from edgellm.serve.engine.pool import Job, ModelPool
 from edgellm.serve.engine.sampling import Candidates, CompiledGrammars, SamplerChain
 from edgellm.serve.engine.scheduler import Scheduler
@@ -113,6 +121,7 @@ class BatchedModel:
         self.grammars = CompiledGrammars(self.llama.vocab)
         self._candidates: Candidates | None = None  # for grammar sampling, made on first use
         self._special_pieces: dict[int, str] = {}
+        self._logprob_pieces: dict[int, bytes] = {}
         self.structured = StructuredOutput(
             self.template, self._markup_tokens, self.grammars, grammar_cache or GrammarCache()
         )
@@ -125,11 +134,13 @@ class BatchedModel:
         self.created = int(time.time())
 
         self._waiting: deque[Job] = deque()
-        self._admitted: list[Slot] = []  # admitted by the scheduler, started at this model's next step
+        self._admitted: list[list[Slot]] = []  # each request's slots, admitted by the scheduler, started next step
         self.closing = False
         self._service_s = 2.0  # moving average of a request's time in a slot, for Retry-After
         self._scheduler = scheduler or Scheduler()
         self._cond = self._scheduler.cond  # guards _waiting and closing
+        self.n_decode = 0  # llama_decode calls, and the sequences they carried (for /metrics)
+        self.n_decoded_seqs = 0
         self._scheduler.attach(self)
 
     @property
@@ -160,6 +171,36 @@ class BatchedModel:
             self._waiting.append(job)
             self._cond.notify()
 
+    def stats(self) -> EngineStats:
+        """A snapshot for /metrics, read without the scheduler's lock (each figure is a single read)."""
+        slots = self._slots.slots
+        return EngineStats(
+            model=self.spec.name,
+            slots_total=len(slots),
+            slots_busy=sum(s.job is not None for s in slots),
+            waiting=len(self._waiting) + sum(len(g) for g in self._admitted),
+            n_decode=self.n_decode,
+            busy_slots_per_decode=self.n_decoded_seqs / self.n_decode if self.n_decode else 0.0,
+            kv_tokens=sum(len(s.cache) for s in slots),
+            kv_capacity=len(slots) * self.spec.n_ctx,
+        )
+
+    def slot_info(self) -> list[SlotInfo]:
+        return [
+            SlotInfo(
+                model=self.spec.name,
+                id=s.seq_id,
+                n_ctx=self.spec.n_ctx,
+                is_processing=s.job is not None,
+                n_cached=len(s.cache),
+                n_prompt=len(s.job.tokens) if s.job is not None else 0,
+                n_decoded=s.n_decoded if s.job is not None else 0,
+                n_remain=max(0, s.max_tokens - s.n_decoded) if s.job is not None else 0,
+                choice=s.choice,
+            )
+            for s in list(self._slots.slots)
+        ]
+
     def close(self) -> None:
         """Stop serving: running and waiting requests fail with 503; the context is freed once the scheduler let go."""
         if not self._scheduler.detach(self, timeout=60):  # a decode that never returns: leak rather than free under it
@@ -177,22 +218,28 @@ class BatchedModel:
         return bool(self._waiting or self._slots.active)
 
     def admit(self) -> None:
-        """Move waiting jobs into free slots (called with the lock held); the slot's state is set up at the step."""
-        while self._waiting and self._slots.n_free():
-            job = self._waiting.popleft()
+        """Move waiting jobs into free slots, in arrival order, a job of ``n`` choices once ``n`` slots are free
+        (called with the lock held); the slots' state is set up at the step."""
+        while self._waiting:
+            job = self._waiting[0]
             if job.cancelled.is_set():
+                self._waiting.popleft()
                 continue
-            self._admitted.append(self._slots.assign(job))
+            if self._slots.n_free() < job.n:
+                return
+            self._waiting.popleft()
+            self._admitted.append([self._slots.assign(job) for _ in range(job.n)])
 
     def step(self) -> None:
         """One step of this model: set up the admitted requests, drop the cancelled ones, decode and sample."""
         admitted, self._admitted = self._admitted, []
-        for slot in admitted:
+        for group in admitted:
             try:
-                self._start(slot)
+                self._start(group)
             except Exception as e:
                 log.exception("starting a request failed")
-                self._abort(slot, e)
+                for slot in group:
+                    self._abort(slot, e)
         try:
             self._drop_cancelled()
             if self._slots.active:
@@ -212,36 +259,48 @@ class BatchedModel:
                 _fail(job, shutdown)
             self._waiting.clear()
 
-    def _start(self, slot: Slot) -> None:
-        """Set up a newly admitted slot: keep the cached prefix it shares with the prompt, drop the rest."""
-        job = slot.job
+    def _start(self, group: list[Slot]) -> None:
+        """Set up a newly admitted request's slots. The first keeps the cached prefix it shares with the prompt and
+        drops the rest; the others (``n > 1``) are emptied, to get its KV once it has read the prompt."""
+        leader = group[0]
+        job = leader.job
         assert job is not None
         tokens = job.tokens
-        slot.t_start = time.perf_counter()
-        keep = self._slots.reuse_prefix(slot, tokens)
-        slot.pending = tokens[keep:]
-        slot.n_cached = keep
-        slot.n_evaluated = len(slot.pending)
-        slot.chain = self._sampler_chain(job)
-        slot.chain.accept_prompt(tokens)
-        slot.detok = Detokenizer(self.llama.pieces)
-        slot.stop = StopMatcher(job.params.stop)
-        slot.max_tokens = job.params.max_tokens
-        slot.n_decoded = 0
-        slot.next_token = -1
-        slot.out_index = -1
+        t_start = time.perf_counter()
+        keep = self._slots.reuse_prefix(leader, tokens)
+        for i, slot in enumerate(group):
+            slot.t_start = t_start
+            slot.choice = i
+            slot.chain = self._sampler_chain(job.choice_params(i))
+            slot.chain.accept_prompt(tokens)
+            slot.detok = Detokenizer(self.llama.pieces)
+            slot.stop = StopMatcher(job.params.stop)
+            slot.logprobs = LogprobQueue() if job.params.logprobs is not None else None
+            slot.max_tokens = job.params.max_tokens
+            slot.n_decoded = 0
+            slot.next_token = -1
+            slot.out_index = -1
+            slot.n_cached = slot.n_evaluated = 0
+            if i:
+                self._slots.forget(slot)
+                slot.pending = []
+                slot.leader = leader
+        leader.pending = tokens[keep:]
+        leader.n_cached = keep
+        leader.n_evaluated = len(leader.pending)
+        leader.followers = group[1:]
         if keep:
-            log.debug("slot %d: reusing %d cached tokens of %d", slot.seq_id, keep, len(tokens))
+            log.debug("slot %d: reusing %d cached tokens of %d", leader.seq_id, keep, len(tokens))
 
-    def _sampler_chain(self, job: Job) -> SamplerChain:
-        g = job.params.grammar
+    def _sampler_chain(self, params: SamplingParams) -> SamplerChain:
+        g = params.grammar
         if g is None:
-            return SamplerChain(job.params, self.llama.n_vocab, self.spec.n_ctx)
+            return SamplerChain(params, self.llama.n_vocab, self.spec.n_ctx)
         if self._candidates is None:
             self._candidates = Candidates(self.llama.n_vocab, self.llama.pieces, self.llama.eog)
         grammar = self.grammars.instantiate(g)
         try:
-            return SamplerChain(job.params, self.llama.n_vocab, self.spec.n_ctx, grammar, self._candidates)
+            return SamplerChain(params, self.llama.n_vocab, self.spec.n_ctx, grammar, self._candidates)
         except BaseException:
             import llama_cpp
 
@@ -256,6 +315,24 @@ class BatchedModel:
             self._special_pieces[token] = piece
         return piece
 
+    def _logprob_piece(self, token: int) -> bytes:
+        """A token's bytes for logprobs (special tokens as their text)."""
+        piece = self._logprob_pieces.get(token)
+        if piece is None:
+            piece = self.llama.model.token_to_piece(token, special=True).rstrip(b"\0")
+            self._logprob_pieces[token] = piece
+        return piece
+
+    def _token_logprob(self, s: Slot, token: int) -> TokenLogprob:
+        """The sampled token's logprob from the logits row it was sampled from."""
+        import llama_cpp
+        import numpy as np
+
+        logits = llama_cpp.llama_get_logits_ith(self.llama.ctx, s.out_index)
+        row = np.ctypeslib.as_array(logits, shape=(self.llama.n_vocab,))
+        assert s.job is not None and s.job.params.logprobs is not None
+        return token_logprob(row, token, s.job.params.logprobs, self._logprob_piece)
+
     def _drop_cancelled(self) -> None:
         for slot in list(self._slots.active):
             assert slot.job is not None
@@ -267,8 +344,18 @@ class BatchedModel:
         """Decode one batch of every active slot, then sample the slots that have logits in it."""
         step = self._batch.build(self._slots.active)
         self.llama.decode(self._batch.batch)
+        self.n_decode += 1
+        self.n_decoded_seqs += len(self._slots.active)
         ctx = self.llama.ctx
-        for s in step.commit():
+        sampled = step.commit()
+        for leader in [s for s in sampled if s.followers]:  # read its prompt: its choices start from its KV
+            for f in leader.followers:
+                self._slots.fork(leader, f)
+                sampled.append(f)
+            leader.followers = []
+        for s in sampled:
+            if s.job is None:  # its request ended while an earlier choice was sampled
+                continue
             assert s.chain is not None
             try:
                 token = s.chain.sample(ctx, s.out_index, s.max_tokens - s.n_decoded)
@@ -289,9 +376,28 @@ class BatchedModel:
         text = s.detok.push(token)
         if token in job.params.preserved_tokens:
             text += self._special_piece(token)
+        if s.logprobs is not None:
+            self._on_token_logprobs(s, token, text)
+            return
         text, stopped = s.stop.push(text)
         if text:
-            _emit(job, TextDelta(text))
+            _emit(job, TextDelta(text, s.choice))
+        self._go_on(s, token, stopped)
+
+    def _on_token_logprobs(self, s: Slot, token: int, text: str) -> None:
+        """``_on_token`` for a request with logprobs: each delta carries the logprobs of the tokens it completes."""
+        job, queue = s.job, s.logprobs
+        assert job is not None and queue is not None and s.stop is not None
+        queue.push(self._token_logprob(s, token), len(text))
+        text, stopped = s.stop.push(text)
+        logprobs = queue.take(len(text))
+        if stopped:
+            queue.drop()
+        if text or logprobs:
+            _emit(job, TextDelta(text, s.choice, logprobs))
+        self._go_on(s, token, stopped)
+
+    def _go_on(self, s: Slot, token: int, stopped: bool) -> None:
         if stopped:
             self._finish(s, "stop", stopped_by_string=True)
         elif s.n_decoded >= s.max_tokens:
@@ -306,8 +412,9 @@ class BatchedModel:
             text, stopped = s.stop.push(s.detok.flush())
             if not stopped:
                 text += s.stop.flush()
-            if text:
-                _emit(job, TextDelta(text))
+            logprobs = s.logprobs.take_all() if s.logprobs is not None and not stopped else ()
+            if text or logprobs:
+                _emit(job, TextDelta(text, s.choice, logprobs))
         now = time.perf_counter()
         _emit(
             job,
@@ -322,15 +429,18 @@ class BatchedModel:
                     predicted_ms=(now - s.t_first) * 1000,
                     cache_n=s.n_cached,
                 ),
+                choice=s.choice,
             ),
         )
         self._service_s = 0.8 * self._service_s + 0.2 * (now - s.t_start)
         self._slots.release(s)
 
     def _abort(self, s: Slot, exc: BaseException) -> None:
-        """Fail a slot's request and forget its KV (its state is unknown after an error)."""
+        """Fail a slot's request and forget its KV (its state is unknown after an error); the request's other
+        choices are dropped at the next step."""
         if s.job is not None:
             _fail(s.job, exc)
+            s.job.cancelled.set()
         self._slots.forget(s)
         self._slots.release(s)
 
@@ -369,14 +479,31 @@ class BatchedEngine(ModelPool):
 
         super().__init__(specs, load)
 
-    async def submit(self, request: GenerationRequest) -> Generation:
+    async def submit_loaded(self, request: GenerationRequest) -> Generation:
         """Queue a request (see ``ModelPool.submit``); structured output and tools are planned first, off the
         event loop (schema conversion and grammar parsing), and may raise ``InvalidRequestError``."""
-        if not needs_plan(request):
-            return await super().submit(request)
         self._model(request.model)  # UnknownModelError before anything else
-        plan = await asyncio.to_thread(self._batched[request.model].structured.plan, request)
-        return plan.wrap(await super().submit(plan.request))
+        model = self._batched[request.model]
+        check_request(request, model.slots_n, model.llama.n_vocab)
+        if not needs_plan(request):
+            return await super().submit_loaded(request)
+        plan = await asyncio.to_thread(model.structured.plan, request)
+        if plan.tool_format is not None and request.n > 1:
+            raise InvalidRequestError("n > 1 cannot be combined with tools the answer may call", "n")
+        if plan.tool_format is not None and request.params.logprobs is not None:
+            raise InvalidRequestError("logprobs cannot be combined with tools the answer may call", "logprobs")
+        return plan.wrap(await super().submit_loaded(plan.request))
 
 
-__all__ = ["BatchedEngine", "BatchedModel", "retry_after"]
+def check_request(request: GenerationRequest, slots: int, n_vocab: int) -> None:
+    """What only the model can check: ``n`` against its slots, ``logit_bias`` ids against its vocabulary."""
+    if request.n < 1 or request.n > slots:
+        raise InvalidRequestError(
+            f"{request.n} choices need as many slots; this model has {slots} (serve with more `slots`)", "n"
+        )
+    for token, _ in request.params.logit_bias:
+        if not 0 <= token < n_vocab:
+            raise InvalidRequestError(f"token id {token} is not in the vocabulary (0..{n_vocab - 1})", "logit_bias")
+
+
+__all__ = ["BatchedEngine", "BatchedModel", "check_request", "retry_after"]

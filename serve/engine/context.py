@@ -66,7 +66,7 @@ class LlamaContext:
         try:
             metadata = self.model.metadata()
             self.prompts = PromptTokenizer.from_vocab(self.vocab, self.model, metadata.get("general.name", ""))
-            self.template = ChatTemplate.for_model(metadata, self.prompts)
+            self.template = ChatTemplate.for_model(metadata, self.prompts, spec.chat_template)
             is_eog = ll.llama_vocab_is_eog
             self.eog = frozenset(t for t in range(self.n_vocab) if is_eog(self.vocab, t))
             self.pieces = PieceTable(self.vocab, self.n_vocab)

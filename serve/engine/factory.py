@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from edgellm.serve.engine.base import Engine
 from edgellm.serve.engine.specs import ModelSpec
+
+if TYPE_CHECKING:
+    from edgellm.serve.engine.batched import BatchedEngine
+    from edgellm.serve.engine.serial import SerialEngine
 
 EngineKind = Literal["serial", "batched"]
 
 
 def build_engine(
-    kind: EngineKind, specs: Sequence[ModelSpec], *, slots: int = 4, queue_size: int = 64
+    kind: EngineKind,
+    specs: Sequence[ModelSpec],
+    *,
+    slots: int = 4,
+    queue_size: int = 64,
+    catalog: Callable[[], list[ModelSpec]] | None = None,
+    max_loaded: int = 2,
+    keep_alive: float = 300.0,
+    load_timeout: float = 120.0,
 ) -> Engine:
     """Load every model (blocking: call it off the event loop). ``batched``: continuous batching, ``slots``
     sequences per model; ``serial``: one request at a time per model (``slots`` is ignored). ``queue_size``
-    requests may wait per model; beyond that, ``submit`` raises ``EngineOverloadedError``."""
+    requests may wait per model; beyond that, ``submit`` raises ``EngineOverloadedError``.
+
+    ``catalog``: further models, loaded on their first request (``ModelPool.serve_on_demand``: at most
+    ``max_loaded`` at once, unloaded after ``keep_alive`` idle seconds, a request waits ``load_timeout`` s)."""
     if kind not in ("serial", "batched"):
         raise ValueError(f"unknown engine {kind!r}; expected 'serial' or 'batched'")
     for spec in specs:
@@ -28,7 +43,11 @@ def build_engine(
     if kind == "batched":
         from edgellm.serve.engine.batched import BatchedEngine
 
-        return BatchedEngine(list(specs), slots=slots, queue_size=queue_size)
-    from edgellm.serve.engine.serial import SerialEngine
+        engine: BatchedEngine | SerialEngine = BatchedEngine(list(specs), slots=slots, queue_size=queue_size)
+    else:
+        from edgellm.serve.engine.serial import SerialEngine
 
-    return SerialEngine(list(specs), queue_size=queue_size)
+        engine = SerialEngine(list(specs), queue_size=queue_size)
+    if catalog is not None:
+        engine.serve_on_demand(catalog, max_loaded=max_loaded, keep_alive=keep_alive, load_timeout=load_timeout)
+    return engine

@@ -1,23 +1,37 @@
 """What every engine shares: a set of loaded models, one worker each, and the admission checks a request passes
 before it is queued (known model, chat template, tokenization off the event loop, context size, max_tokens
-clamped to the room left). Engines differ only in their workers' scheduling."""
+clamped to the room left). Engines differ only in their workers' scheduling.
+
+On demand (``serve_on_demand``): besides the models loaded at start (kept loaded), a *catalog* of further specs
+(a models folder, rescanned when asked for a name it does not know) whose models load on their first request (off
+the event loop; concurrent requests wait for the one load, at most ``load_timeout`` s, then 503 with Retry-After).
+At most ``max_loaded`` of them stay loaded (loading one more unloads the least recently used idle one; all busy:
+503), and one idle longer than ``keep_alive`` seconds is unloaded by a background task."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from edgellm.serve.engine.base import (
     ContextOverflowError,
+    EngineOverloadedError,
+    EngineStats,
+    EngineUnavailableError,
     Generation,
     GenerationRequest,
     InvalidPromptError,
     ModelInfo,
     SamplingParams,
+    SlotInfo,
     UnknownModelError,
 )
 from edgellm.serve.engine.prompt import ChatTemplate
@@ -29,12 +43,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class Job:
-    """A request admitted to a model's worker: its prompt tokens, sampling, and where its events go."""
+    """A request admitted to a model's worker: its prompt tokens, sampling, and where its events go. ``n``
+    choices (each a slot of the batched engine); choice ``i`` samples with ``choice_params(i)``."""
 
     tokens: list[int]
     params: SamplingParams
     stream: EventStream
     cancelled: threading.Event = field(default_factory=threading.Event)
+    n: int = 1
+
+    def choice_params(self, i: int) -> SamplingParams:
+        """Choice ``i``'s sampling: its own seed stream (``seed + i``) when a seed is given."""
+        if i == 0 or self.params.seed is None:
+            return self.params
+        return replace(self.params, seed=self.params.seed + i)
 
 
 class ModelWorker(Protocol):
@@ -52,6 +74,10 @@ class ModelWorker(Protocol):
 
     def close(self) -> None: ...
 
+    def stats(self) -> EngineStats: ...
+
+    def slot_info(self) -> list[SlotInfo]: ...
+
 
 def prompt_tokens(model: ModelWorker, request: GenerationRequest) -> list[int]:
     """A request's prompt ids: messages (and tools) through the model's chat template, a raw prompt as llama-server
@@ -61,11 +87,45 @@ def prompt_tokens(model: ModelWorker, request: GenerationRequest) -> list[int]:
     return model.tokenize(request.prompt or "")
 
 
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A model this pool can serve: loaded or not (``pinned``: loaded at start, never unloaded by the pool)."""
+
+    info: ModelInfo
+    loaded: bool
+    pinned: bool
+
+
+def _worker_busy(worker: ModelWorker) -> bool:
+    """Whether a worker has requests queued or running; read under its scheduling lock when it has one (a request
+    moving from the queue into a slot is then never seen in neither)."""
+    lock = getattr(worker, "_cond", None)
+    with lock if lock is not None else contextlib.nullcontext():
+        s = worker.stats()
+    return bool(s.slots_busy or s.waiting)
+
+
 class ModelPool:
-    """An ``Engine`` over one worker per model; ``load`` builds a worker from a spec (blocking)."""
+    """An ``Engine`` over one worker per model; ``load`` builds a worker from a spec (blocking).
+
+    Subclasses queue a request in ``submit_loaded`` (the model is loaded and held for it); ``submit`` loads the
+    model first when it is in the catalog but not loaded."""
 
     def __init__(self, specs: list[ModelSpec], load: Callable[[ModelSpec], ModelWorker]) -> None:
         self._models: dict[str, ModelWorker] = {}
+        self._load = load
+        self._pinned = {s.name for s in specs}
+        self._specs: dict[str, ModelSpec] = {s.name: s for s in specs}
+        self._catalog: Callable[[], list[ModelSpec]] | None = None
+        self._max_loaded = 2
+        self._keep_alive = -1.0
+        self._load_timeout = 120.0
+        self._loading: dict[str, asyncio.Future[None]] = {}
+        self._load_lock: asyncio.Lock | None = None  # made on the event loop, at the first load
+        self._inflight: Counter[str] = Counter()  # requests between arrival and their model's queue
+        self._last_used: dict[str, float] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._closed = False
         try:
             for spec in specs:
                 self._models[spec.name] = load(spec)
@@ -74,24 +134,214 @@ class ModelPool:
                 m.close()
             raise
 
+    def serve_on_demand(
+        self,
+        catalog: Callable[[], list[ModelSpec]],
+        max_loaded: int = 2,
+        keep_alive: float = 300.0,
+        load_timeout: float = 120.0,
+    ) -> None:
+        """Serve the models ``catalog()`` lists (blocking, cheap: called again to find new ones) on demand."""
+        self._catalog = catalog
+        self._max_loaded = max_loaded
+        self._keep_alive = keep_alive
+        self._load_timeout = load_timeout
+        self.rescan()
+
+    def rescan(self) -> None:
+        """Refresh the catalog (models found since appear; a model whose file is gone stays while loaded)."""
+        if self._catalog is None:
+            return
+        try:
+            found = {s.name: s for s in self._catalog() if s.name not in self._pinned}
+        except Exception:
+            log.exception("scanning the models catalog failed")
+            return
+        pinned = {n: s for n, s in self._specs.items() if n in self._pinned}
+        loaded = {n: m.spec for n, m in self._models.items() if n not in found and n not in pinned}
+        self._specs = {**pinned, **found, **loaded}
+
     def models(self) -> list[ModelInfo]:
+        """The loaded models."""
         return [
             ModelInfo(name=n, path=str(m.spec.path), n_ctx=m.spec.n_ctx, created=m.created)
             for n, m in self._models.items()
         ]
 
+    def catalog(self, rescan: bool = True) -> list[CatalogEntry]:
+        """Every model this pool serves, loaded or not: those loaded at start first, then by name."""
+        if rescan:
+            self.rescan()
+        entries = []
+        for name, spec in self._specs.items():
+            m = self._models.get(name)
+            info = ModelInfo(name=name, path=str(spec.path), n_ctx=spec.n_ctx, created=m.created if m else 0)
+            entries.append(CatalogEntry(info=info, loaded=m is not None, pinned=name in self._pinned))
+        return sorted(entries, key=lambda e: (not e.pinned, e.info.name))
+
     def has_model(self, name: str) -> bool:
+        if name in self._models or name in self._specs:
+            return True
+        self.rescan()
+        return name in self._specs
+
+    def is_loaded(self, name: str) -> bool:
         return name in self._models
+
+    def busy(self, name: str) -> bool:
+        """Whether a request is on its way to model ``name`` (loading it, tokenizing) or queued or running in it."""
+        m = self._models.get(name)
+        return self._inflight[name] > 0 or (m is not None and _worker_busy(m))
+
+    @contextlib.asynccontextmanager
+    async def holding(self, name: str) -> AsyncIterator[None]:
+        """Model ``name`` loaded (loading it if need be) and not unloaded by the pool while inside."""
+        self._inflight[name] += 1
+        try:
+            await self.load_model(name)
+            yield
+        finally:
+            self._inflight[name] -= 1
+            if not self._inflight[name]:
+                del self._inflight[name]
+            self._last_used[name] = time.monotonic()
+
+    def _forget_load(self, name: str, task: asyncio.Future[None]) -> None:
+        """A load ended (done, failed or cancelled): the next request for ``name`` starts a new one."""
+        if self._loading.get(name) is task:
+            del self._loading[name]
+
+    async def load_model(self, name: str) -> None:
+        """Load model ``name`` unless it is loaded: ``UnknownModelError`` if the catalog has no such model,
+        ``EngineOverloadedError`` (503 with Retry-After) if it is not loaded within ``load_timeout`` or every loaded
+        model is busy, ``EngineUnavailableError`` if loading failed."""
+        if name in self._models:
+            self._last_used[name] = time.monotonic()
+            return
+        if not self.has_model(name):
+            self._model(name)  # raises UnknownModelError, naming what is available
+        task = self._loading.get(name)
+        if task is None:
+            task = asyncio.ensure_future(self._load_on_demand(self._specs[name]))
+            self._loading[name] = task
+            task.add_done_callback(functools.partial(self._forget_load, name))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: waiters may be gone
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self._load_timeout)
+        except TimeoutError:
+            raise EngineOverloadedError(
+                f"model {name!r} is still loading after {self._load_timeout:g} s (load_timeout); retry shortly",
+                retry_after=5,
+            ) from None
+
+    async def _load_on_demand(self, spec: ModelSpec) -> None:
+        if self._load_lock is None:
+            self._load_lock = asyncio.Lock()
+        async with self._load_lock:  # one load at a time: the room made for it is still there when it lands
+            if spec.name in self._models:
+                return
+            if self._closed:
+                raise EngineUnavailableError("the server is shutting down")
+            await self._make_room(spec.name)
+            started = time.monotonic()
+            log.info("loading %s on demand from %s", spec.name, spec.path)
+            try:
+                worker = await asyncio.to_thread(self._load, spec)
+            except Exception as e:
+                log.exception("loading %s failed", spec.name)
+                raise EngineUnavailableError(f"model {spec.name!r} failed to load: {e}") from e
+            if self._closed:
+                await asyncio.to_thread(worker.close)
+                raise EngineUnavailableError("the server is shutting down")
+            self._models[spec.name] = worker
+            self._last_used[spec.name] = time.monotonic()
+            log.info("loaded %s in %.2f s", spec.name, time.monotonic() - started)
+        if self._keep_alive >= 0 and self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_idle())
+
+    async def _make_room(self, name: str) -> None:
+        """Unload least recently used idle on-demand models until one more fits ``max_loaded``."""
+        while True:
+            on_demand = [n for n in self._models if n not in self._pinned]
+            if name in self._pinned or len(on_demand) < self._max_loaded:
+                return
+            idle = [n for n in on_demand if not self.busy(n)]
+            if not idle:
+                raise EngineOverloadedError(
+                    f"model {name!r} cannot be loaded: the {len(on_demand)} models loaded (max_loaded_models) are "
+                    "all serving requests; retry shortly",
+                    retry_after=5,
+                )
+            victim = min(idle, key=lambda n: self._last_used.get(n, 0.0))
+            log.info("unloading %s (least recently used) to load %s", victim, name)
+            await self._unload_now(victim)
+
+    async def unload_model(self, name: str) -> bool:
+        """Unload model ``name``: False if it was not loaded; ``UnknownModelError`` if unknown,
+        ``EngineOverloadedError`` (503) while it serves requests."""
+        if not self.has_model(name):
+            self._model(name)
+        if self._load_lock is None:
+            self._load_lock = asyncio.Lock()
+        async with self._load_lock:
+            if name not in self._models:
+                return False
+            if self.busy(name):
+                raise EngineOverloadedError(f"model {name!r} is serving requests; retry once they are done", 5)
+            await self._unload_now(name)
+            return True
+
+    async def _unload_now(self, name: str) -> None:
+        worker = self._models.pop(name)  # from here on, requests for it load it anew
+        self._last_used.pop(name, None)
+        await asyncio.to_thread(worker.close)
+        log.info("unloaded %s", name)
+
+    async def _reap_idle(self) -> None:
+        """Unload on-demand models idle longer than ``keep_alive``, checking a few times per ``keep_alive``."""
+        period = min(5.0, max(0.2, self._keep_alive / 4))
+        while not self._closed:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for name in [n for n in self._models if n not in self._pinned]:
+                if self.busy(name):
+                    self._last_used[name] = now  # idle time counts from the end of its last request
+                elif now - self._last_used.get(name, now) > self._keep_alive:
+                    assert self._load_lock is not None
+                    async with self._load_lock:
+                        if name in self._models and not self.busy(name):
+                            log.info("unloading %s: idle for more than keep_alive (%g s)", name, self._keep_alive)
+                            await self._unload_now(name)
+
+    def stats(self) -> list[EngineStats]:
+        return [m.stats() for m in self._models.values()]
+
+    def slots(self) -> list[SlotInfo]:
+        return [s for m in self._models.values() for s in m.slot_info()]
+
+    def template(self, name: str) -> ChatTemplate:
+        """Model ``name``'s chat template, bound to its tokenizer (``template.tokenizer``): for /apply-template,
+        /tokenize and /detokenize. Both are thread-safe; call them off the event loop."""
+        return self._model(name).template
 
     def _model(self, name: str) -> ModelWorker:
         try:
             return self._models[name]
         except KeyError:
+            if name in self._specs:
+                raise UnknownModelError(
+                    f"model {name!r} is not loaded; send a request to it or POST /models/load first"
+                ) from None
             raise UnknownModelError(
-                f"model {name!r} is not served here; available: {', '.join(self._models)}"
+                f"model {name!r} is not served here; available: {', '.join(self._specs or self._models)}"
             ) from None
 
     async def submit(self, request: GenerationRequest) -> Generation:
+        """Load the model if need be (see ``load_model``), then queue the request (``submit_loaded``)."""
+        async with self.holding(request.model):
+            return await self.submit_loaded(request)
+
+    async def submit_loaded(self, request: GenerationRequest) -> Generation:
         model = self._model(request.model)
         tokens = await asyncio.to_thread(prompt_tokens, model, request)
         if not tokens:
@@ -108,13 +358,18 @@ class ModelPool:
         room = n_ctx - len(tokens)
         if params.max_tokens > room:
             params = replace(params, max_tokens=room)
-        stream = EventStream(asyncio.get_running_loop(), prompt_tokens=len(tokens))
-        job = Job(tokens=tokens, params=params, stream=stream)
+        stream = EventStream(asyncio.get_running_loop(), prompt_tokens=len(tokens), n_choices=request.n)
+        job = Job(tokens=tokens, params=params, stream=stream, n=request.n)
         stream.on_close(job.cancelled.set)
         model.enqueue(job)
         return stream
 
     async def close(self) -> None:
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         for m in self._models.values():
             await asyncio.to_thread(m.close)
         self._models.clear()

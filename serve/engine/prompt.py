@@ -152,8 +152,13 @@ class ChatTemplate:
         return cls(metadata.get("tokenizer.chat_template"), bos_token, eos_token, tokenizer)
 
     @classmethod
-    def for_model(cls, metadata: Mapping[str, str], tokenizer: PromptTokenizer) -> ChatTemplate:
-        """The template of a loaded GGUF, bound to its tokenizer (BOS/EOS text from its vocabulary)."""
+    def for_model(
+        cls, metadata: Mapping[str, str], tokenizer: PromptTokenizer, source: str | None = None
+    ) -> ChatTemplate:
+        """The template of a loaded GGUF (or ``source``, a Jinja template that replaces it), bound to its tokenizer
+        (BOS/EOS text from its vocabulary)."""
+        if source is not None:
+            return cls(source, tokenizer.bos_text, tokenizer.eos_text, tokenizer)
         return cls.from_metadata(metadata, tokenizer.bos_text, tokenizer.eos_text, tokenizer)
 
     # -- rendering ---------------------------------------------------------------------------------------------

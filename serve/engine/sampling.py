@@ -1,6 +1,7 @@
 """A request's sampling parameters as one of llama.cpp's native sampler chains (``llama_sampler_*``), built in the
-order llama-server uses (common/sampling.cpp): penalties -> top_k -> top_p -> min_p -> temperature -> dist.
-Greedy (``temperature <= 0``) is penalties -> argmax. The chain samples and accepts in C:
+order llama-server uses (common/sampling.cpp): logit bias -> penalties -> top_k -> top_p -> min_p -> temperature ->
+dist. Greedy (``temperature <= 0``) is logit bias -> penalties -> argmax. The logit-bias sampler is in the chain
+only for a request with a ``logit_bias`` (OpenAI's -100 is a ban: ``-inf``). The chain samples and accepts in C:
 ``llama_sampler_sample(chain, ctx, batch_index)``. The batched engine keeps one chain per running request.
 
 A request with a grammar also has a llama.cpp grammar sampler, sampled as llama-server does
@@ -212,6 +213,8 @@ class SamplerChain:
         if not self.ptr:
             raise MemoryError("llama_sampler_chain_init failed")
         p = params
+        if p.logit_bias:
+            self._add(_logit_bias_sampler(ll, n_vocab, p.logit_bias))
         last_n = n_ctx if p.repeat_last_n < 0 else p.repeat_last_n
         self.penalty_last_n = 0
         if last_n > 0 and (p.repeat_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
@@ -312,7 +315,8 @@ class SamplerChain:
         ``top_k`` of them, or greedy, or the best valid one so far above the rest that ``min_p`` drops the rest."""
         ll, grammar, p = self._ll, self.grammar, self._params
         c.fill(ctx, index)
-        tiers = range(c.n_tiers) if self.penalty_last_n == 0 else range(0)  # penalties would reorder them
+        reorder = self.penalty_last_n > 0 or bool(p.logit_bias)  # penalties and biases would reorder them
+        tiers = range(0) if reorder else range(c.n_tiers)
         for tier in tiers:
             floor = c.keep_top(tier)  # every token left out is at most this likely
             ll.llama_sampler_apply(grammar, c.ref)
@@ -344,6 +348,14 @@ class SamplerChain:
         if self.grammar is not None:
             self._ll.llama_sampler_free(self.grammar)
             self.grammar = None
+
+
+def _logit_bias_sampler(ll: Any, n_vocab: int, bias: Sequence[tuple[int, float]]) -> Any:
+    """llama.cpp's logit-bias sampler; a bias of -100 or less (OpenAI's ban) becomes ``-inf``."""
+    entries = (ll.llama_logit_bias * len(bias))(
+        *(ll.llama_logit_bias(token, _NEG_INF if b <= -100 else b) for token, b in bias)
+    )
+    return ll.llama_sampler_init_logit_bias(n_vocab, len(bias), entries)  # copies the entries
 
 
 class CompiledGrammars:

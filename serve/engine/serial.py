@@ -17,11 +17,15 @@ from typing import Any, cast
 
 from edgellm.serve.engine.base import (
     EngineOverloadedError,
+    EngineStats,
+    EngineUnavailableError,
+    Event,
     Finished,
     FinishReason,
     Generation,
     GenerationRequest,
     InvalidRequestError,
+    SlotInfo,
     TextDelta,
     Timings,
 )
@@ -32,6 +36,20 @@ from edgellm.serve.engine.structured import needs_plan
 from edgellm.serve.engine.tokens import PromptTokenizer
 
 log = logging.getLogger(__name__)
+
+
+def _emit(job: Job, event: Event) -> None:
+    try:
+        job.stream.emit(event)
+    except RuntimeError:  # the request's event loop is gone: nobody is listening any more
+        job.cancelled.set()
+
+
+def _fail(job: Job, exc: BaseException) -> None:
+    try:
+        job.stream.fail(exc)
+    except RuntimeError:
+        job.cancelled.set()
 
 
 class _TokenClock:
@@ -49,7 +67,10 @@ class _TokenClock:
 
 
 class SerialModel:
-    """A loaded GGUF and its worker thread."""
+    """A loaded GGUF and its worker thread. Nothing a request does (an event loop gone, an error) stops the worker;
+    ``close`` ends the running request at its next token and frees the model only once the worker has stopped."""
+
+    join_timeout_s = 30.0  # close(): how long to wait for the worker; after it, the model is left allocated
 
     def __init__(self, spec: ModelSpec, queue_size: int, decoder: ThreadPoolExecutor | None = None) -> None:
         from llama_cpp import Llama
@@ -70,13 +91,15 @@ class SerialModel:
         self.prompts = PromptTokenizer.from_vocab(
             self.llm._model.vocab, self.llm._model, self.llm.metadata.get("general.name", "")
         )
-        self.template = ChatTemplate.for_model(self.llm.metadata, self.prompts)
+        self.template = ChatTemplate.for_model(self.llm.metadata, self.prompts, spec.chat_template)
         self.created = int(time.time())
         self._queue_size = queue_size
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
         self._busy = False  # a request is being generated
+        self._current: Job | None = None
+        self.stuck = False  # close() gave up on the worker: the model (and the decoder thread) are left alone
         self._thread = threading.Thread(target=self._run, name=f"serial-{spec.name}", daemon=True)
         self._thread.start()
 
@@ -94,6 +117,18 @@ class SerialModel:
             self._waiting.append(job)
             self._cond.notify()
 
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            model=self.spec.name, slots_total=1, slots_busy=int(self._busy), waiting=len(self._waiting)
+        )
+
+    def slot_info(self) -> list[SlotInfo]:
+        job = self._current
+        return [
+            SlotInfo(model=self.spec.name, id=0, n_ctx=self.spec.n_ctx, is_processing=self._busy,
+                     n_cached=0, n_prompt=len(job.tokens) if job is not None else 0)
+        ]
+
     # -- worker thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
@@ -102,19 +137,22 @@ class SerialModel:
                     self._cond.wait()
                 if self._closing:
                     for job in self._waiting:
-                        job.stream.fail(ConnectionAbortedError("server shutting down"))
+                        _fail(job, EngineUnavailableError("the server is shutting down"))
+                    self._waiting.clear()
                     return
                 job = self._waiting.popleft()
                 self._busy = True
+                self._current = job
             try:
                 if not job.cancelled.is_set():
                     self._generate(job)
             except Exception as e:  # a failure of one request must not stop the worker
                 log.exception("generation failed")
-                job.stream.fail(e)
+                _fail(job, e)
             finally:
                 with self._cond:
                     self._busy = False
+                    self._current = None
 
     def _generate(self, job: Job) -> None:
         p = job.params
@@ -144,17 +182,20 @@ class SerialModel:
                 chunk = cast(dict[str, Any], raw)
                 if job.cancelled.is_set():
                     log.debug("request cancelled after %d tokens", clock.n)
+                    if self._closing:
+                        _fail(job, EngineUnavailableError("the server is shutting down"))
                     return
                 choice = chunk["choices"][0]
                 if choice["text"]:
-                    job.stream.emit(TextDelta(choice["text"]))
+                    _emit(job, TextDelta(choice["text"]))
                 if choice["finish_reason"]:
                     finish = "stop" if choice["finish_reason"] == "stop" else "length"
         finally:
             self._on_decoder(chunks.close)
         t1 = time.perf_counter()
         first = clock.first or t1
-        job.stream.emit(
+        _emit(
+            job,
             Finished(
                 finish_reason=finish,
                 prompt_tokens=len(job.tokens),
@@ -178,10 +219,23 @@ class SerialModel:
             yield chunk
 
     def close(self) -> None:
+        """Fail the waiting requests, end the running one at its next token, and free the model once the worker
+        has stopped. A worker still inside a decode after ``join_timeout_s`` keeps the model: it is left allocated
+        (and logged) rather than freed under a running decode."""
         with self._cond:
             self._closing = True
+            if self._current is not None:
+                self._current.cancelled.set()
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=self.join_timeout_s)
+        if self._thread.is_alive():
+            self.stuck = True
+            log.error(
+                "the worker of %s is still decoding after %.0f s; not freeing the model under it",
+                self.spec.name,
+                self.join_timeout_s,
+            )
+            return
         self.llm.close()
         if self._owns_decoder:
             self._decoder.shutdown(wait=False)
@@ -193,9 +247,13 @@ class SerialEngine(ModelPool):
     def __init__(self, specs: list[ModelSpec], queue_size: int = 64) -> None:
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serial-decoder")
 
+        self._serial: list[SerialModel] = []
+
         def load(spec: ModelSpec) -> SerialModel:
             log.info("loading %s from %s", spec.name, spec.path)
-            return SerialModel(spec, queue_size, self._decoder)
+            model = SerialModel(spec, queue_size, self._decoder)
+            self._serial.append(model)
+            return model
 
         try:
             super().__init__(specs, load)
@@ -203,7 +261,7 @@ class SerialEngine(ModelPool):
             self._decoder.shutdown(wait=False)
             raise
 
-    async def submit(self, request: GenerationRequest) -> Generation:
+    async def submit_loaded(self, request: GenerationRequest) -> Generation:
         """Plain generation only: structured output, grammars and tools run in the batched engine's sampler
         chains, so the serial engine refuses them (400) rather than answer unconstrained."""
         if needs_plan(request):
@@ -213,11 +271,19 @@ class SerialEngine(ModelPool):
                 "messages need the batched engine; serve with `--engine batched` (the default)",
                 field="engine",
             )
-        return await super().submit(request)
+        batched_only = [f for f, asked in (("n", request.n > 1), ("logprobs", request.params.logprobs is not None),
+                                           ("logit_bias", bool(request.params.logit_bias))) if asked]
+        if batched_only:
+            self._model(request.model)
+            raise InvalidRequestError(
+                "needs the batched engine; serve with `--engine batched` (the default)", field=batched_only[0]
+            )
+        return await super().submit_loaded(request)
 
     async def close(self) -> None:
         await super().close()
-        self._decoder.shutdown(wait=True)
+        # a model whose worker is stuck in a decode: do not wait for the decoder thread either
+        self._decoder.shutdown(wait=not any(m.stuck for m in self._serial))
 
 
 __all__ = ["SerialEngine"]

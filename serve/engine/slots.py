@@ -13,6 +13,10 @@ that prefix:
 
 The table also holds each slot's per-request state (pending prompt tokens, the sampled token, its sampler chain,
 detokenizer and stop matcher, counters for the timings); ``release`` frees a slot for the next request.
+
+A request with ``n`` choices holds ``n`` slots: the first (the leader) reads the prompt; the others (followers) wait
+with an empty KV until it has, then ``fork`` copies the leader's KV into each of them (the prompt is evaluated once)
+and every choice samples its first token from the leader's logits.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 from typing import Protocol
 
 from edgellm.serve.engine.detok import Detokenizer, StopMatcher
+from edgellm.serve.engine.logprobs import LogprobQueue
 from edgellm.serve.engine.pool import Job
 from edgellm.serve.engine.sampling import SamplerChain
 
@@ -69,6 +74,10 @@ class Slot:
         self.chain: SamplerChain | None = None
         self.detok: Detokenizer | None = None
         self.stop: StopMatcher | None = None
+        self.logprobs: LogprobQueue | None = None  # only for a request that asked for logprobs
+        self.choice = 0  # which of the request's n choices this slot generates
+        self.leader: Slot | None = None  # a follower waiting for this slot to read the prompt
+        self.followers: list[Slot] = []  # a leader's followers, until they are forked
         self.max_tokens = 0
         self.n_decoded = 0
         self.n_cached = 0
@@ -137,6 +146,10 @@ class SlotTable:
         if best is None or shared - keep < self._copy_min_tokens:
             return 0
         memory = self._memory
+        # Empty the slot first: per-sequence streams are replaced whole by the copy, but in a unified cache the
+        # copied cells would sit beside the slot's own at the same positions.
+        memory.seq_rm(slot.seq_id, -1, -1)
+        slot.cache.clear()
         memory.seq_cp(best.seq_id, slot.seq_id, -1, -1)
         if not memory.seq_rm(slot.seq_id, shared, -1):  # a memory without partial removal
             memory.seq_rm(slot.seq_id, -1, -1)
@@ -145,6 +158,15 @@ class SlotTable:
         slot.cache = best.cache[:shared]
         log.debug("slot %d: copied %d cached tokens from slot %d", slot.seq_id, shared, best.seq_id)
         return shared
+
+    def fork(self, leader: Slot, follower: Slot) -> None:
+        """The leader has read the prompt: give ``follower`` (empty, see ``forget``) a copy of its KV, to sample its
+        first token from the leader's logits. A whole-stream copy across per-sequence KV streams (applied at the next
+        decode, before it computes), shared cells in a unified cache."""
+        self._memory.seq_cp(leader.seq_id, follower.seq_id, -1, -1)
+        follower.cache = list(leader.cache)
+        follower.out_index = leader.out_index
+        follower.leader = None
 
     def forget(self, slot: Slot) -> None:
         """Drop everything the slot's KV holds (its state is unknown after an error)."""
@@ -160,6 +182,10 @@ class SlotTable:
         slot.pending = []
         slot.detok = None
         slot.stop = None
+        slot.logprobs = None
+        slot.choice = 0
+        slot.leader = None
+        slot.followers = []
         if slot in self.active:
             self.active.remove(slot)
 

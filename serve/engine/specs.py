@@ -16,6 +16,7 @@ class ModelSpec:
     n_threads: int | None = None
     n_gpu_layers: int = 0
     n_batch: int = 512
+    chat_template: str | None = None  # Jinja source used instead of the GGUF's tokenizer.chat_template
 
     def threads(self) -> int:
         """llama.cpp threads for this model: ``n_threads``, else ``edgellm.hardware.default_threads()`` (the

@@ -5,7 +5,8 @@ cancel callbacks, so the engine can free the model at its next step.
 
 The engine thread appends to a deque and wakes the event loop only when no wake-up is already pending, so a
 consumer that falls behind (many streams on one loop) costs one wake-up per batch, not one per token. Text
-deltas already waiting are handed over as one delta: a slow client gets bigger chunks, never a backlog.
+deltas of one choice already waiting are handed over as one delta: a slow client gets bigger chunks, never a
+backlog. A generation of ``n_choices`` ends after as many ``Finished`` events.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from edgellm.serve.engine.base import Event, Finished, TextDelta
 
 
 class EventStream:
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_tokens: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_tokens: int, n_choices: int = 1) -> None:
         self.prompt_tokens = prompt_tokens
+        self._unfinished = n_choices
         self._loop = loop
         self._items: deque[Event | BaseException] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -75,13 +77,19 @@ class EventStream:
         if isinstance(item, BaseException):
             self._done = True
             raise item
-        if isinstance(item, TextDelta) and items and isinstance(items[0], TextDelta):
+        if isinstance(item, TextDelta) and items and isinstance(items[0], TextDelta) and items[0].choice == item.choice:
             parts = [item.text]
-            while items and isinstance(items[0], TextDelta):
-                parts.append(items.popleft().text)  # type: ignore[union-attr]
-            return TextDelta("".join(parts))
+            logprobs = list(item.logprobs)
+            while items and isinstance(items[0], TextDelta) and items[0].choice == item.choice:
+                more = items.popleft()
+                assert isinstance(more, TextDelta)
+                parts.append(more.text)
+                logprobs.extend(more.logprobs)
+            return TextDelta("".join(parts), item.choice, tuple(logprobs))
         if isinstance(item, Finished):
-            self._done = True
+            self._unfinished -= 1
+            if self._unfinished <= 0:
+                self._done = True
         return item
 
     async def aclose(self) -> None:

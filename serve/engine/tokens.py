@@ -21,6 +21,7 @@ token gets no second one (llama-server would add it and log a warning).
 
 from __future__ import annotations
 
+import ctypes
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -181,8 +182,12 @@ class PromptTokenizer:
         bos_text: str = "",
         eos_text: str = "",
         owner: Any = None,
+        piece: Callable[[int], bytes] | None = None,
+        n_vocab: int = 0,
     ) -> None:
         self._encode = encode
+        self._piece = piece
+        self.n_vocab = n_vocab
         self._owner = owner  # what keeps ``encode``'s vocabulary alive
         self.specials = specials
         self.bos = bos if bos is not None and bos >= 0 else None
@@ -234,6 +239,14 @@ class PromptTokenizer:
                     raise RuntimeError(f"llama_tokenize failed ({n}) on {len(data)} bytes")
             return list(buf[:n])
 
+        def piece(t: int) -> bytes:  # llama.cpp's common_token_to_piece (special tokens rendered)
+            buf = ctypes.create_string_buffer(32)
+            n = ll.llama_token_to_piece(vocab, t, buf, len(buf), 0, True)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = ll.llama_token_to_piece(vocab, t, buf, len(buf), 0, True)
+            return buf.raw[:n]
+
         return cls(
             encode,
             SpecialTokens(tokens),
@@ -242,7 +255,21 @@ class PromptTokenizer:
             bos_text=token_text(bos),
             eos_text=token_text(eos),
             owner=owner,
+            piece=piece,
+            n_vocab=n_vocab,
         )
+
+    # -- llama-server's /tokenize and /detokenize -----------------------------------------------------------------
+    def encode(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        """``llama_tokenize`` as it is: BOS/EOS by the GGUF if ``add_special``, special tokens if ``parse_special``."""
+        return self._encode(text, add_special, parse_special)
+
+    def piece(self, token: int) -> bytes:
+        """A token's bytes, special tokens rendered (llama.cpp's ``common_token_to_piece``); ``0 <= token <
+        n_vocab``."""
+        if self._piece is None:
+            raise TypeError("this PromptTokenizer has no vocabulary pieces (build it with from_vocab)")
+        return self._piece(token)
 
     def chat(self, rendered: RenderedChat) -> list[int]:
         """The ids of a rendered chat: BOS by the GGUF (not again if the template wrote it), control tokens only

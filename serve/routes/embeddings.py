@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 from typing import Annotated, Any, Literal
 
-import anyio
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -60,9 +59,7 @@ async def embeddings(request: Request) -> Response:
             "vectors and cannot shorten them; leave 'dimensions' out",
         )
     inputs = body.inputs()
-    out = await anyio.to_thread.run_sync(
-        lambda: embedder.embed(inputs, truncate=body.truncate), limiter=served.limiter
-    )
+    out = await served.run("embedder", lambda: embedder.embed(inputs, truncate=body.truncate), items=len(inputs))
     data: list[dict[str, Any]] = []
     for i, vector in enumerate(out.vectors):
         value: Any = (

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from edgellm.serve.engine.base import Engine, Finished, Generation, TextDelta, ToolCallDelta
 from edgellm.serve.errors import NOT_FOUND, APIError, error_body, to_api_error
 from edgellm.serve.http import check_auth, read_json, ready_engine, server_state
-from edgellm.serve.routes.openai_format import ChatFormat, CompletionFormat, dumps
+from edgellm.serve.routes.openai_format import Answer, ChatFormat, CompletionFormat, dumps
 from edgellm.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,8 @@ Format = ChatFormat | CompletionFormat
 def _resolve_model(engine: Engine, requested: str | None) -> str:
     names = [m.name for m in engine.models()]
     if requested is None or requested == "":
+        if not names:  # a folder of models loaded on demand, none loaded yet
+            raise APIError(400, "no model is loaded: name one in 'model' (GET /v1/models lists them)")
         return names[0]
     if engine.has_model(requested):
         return requested
@@ -43,13 +45,13 @@ async def _sse(generation: Generation, fmt: Format, include_usage: bool) -> Asyn
             yield _event(dumps(first))
         async for event in generation:
             if isinstance(event, TextDelta):
-                yield _event(fmt.delta_json(event.text))
+                yield _event(fmt.text_json(event))
             elif isinstance(event, ToolCallDelta):
                 yield _event(dumps(fmt.tool_call_chunk(event)))
             elif isinstance(event, Finished):
                 yield _event(dumps(fmt.final_chunk(event)))
-                if include_usage:
-                    yield _event(dumps(fmt.usage_chunk(event)))
+                if include_usage and fmt.done():
+                    yield _event(dumps(fmt.usage_chunk()))
         yield _event("[DONE]")
     except Exception as e:  # the response has started: report the error in-band, like llama-server
         err = to_api_error(e)
@@ -58,23 +60,13 @@ async def _sse(generation: Generation, fmt: Format, include_usage: bool) -> Asyn
         await generation.aclose()
 
 
-async def _collect(generation: Generation, request: Request) -> tuple[str, list[dict[str, Any]], Finished]:
-    """Gather a whole answer (text and tool calls); if the client goes away first, cancel the generation."""
-    parts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    finished: Finished | None = None
+async def _collect(generation: Generation, request: Request, answer: Answer) -> Answer:
+    """Gather a whole answer (text and tool calls of each choice); if the client goes away first, cancel the
+    generation."""
 
     async def gather() -> None:
-        nonlocal finished
         async for event in generation:
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            elif isinstance(event, ToolCallDelta):
-                if event.id is not None:
-                    calls.append({"id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}})
-                calls[-1]["function"]["arguments"] += event.arguments
-            elif isinstance(event, Finished):
-                finished = event
+            answer.add(event)
         tg.cancel_scope.cancel()
 
     async def watch_disconnect() -> None:
@@ -90,29 +82,36 @@ async def _collect(generation: Generation, request: Request) -> tuple[str, list[
             tg.start_soon(watch_disconnect)
     finally:
         await generation.aclose()
-    if finished is None:
+    if not answer.complete:
         raise APIError(499, "client disconnected")
-    return "".join(parts), calls, finished
+    return answer
 
 
 async def _generate(request: Request, body_model: type[ChatCompletionRequest] | type[CompletionRequest]) -> Response:
     state = server_state(request)
+    arrived = state.metrics.now()
     settings = state.settings
     check_auth(request, settings.api_key)
     body = parse_body(body_model, await read_json(request, settings.max_body_bytes))
     engine = ready_engine(request)
     model = _resolve_model(engine, body.model)
-    gen_request = body.to_generation_request(model, settings.default_max_tokens, settings.max_tokens_cap)
-    generation = await engine.submit(gen_request)
-    fmt: Format = ChatFormat(model) if isinstance(body, ChatCompletionRequest) else CompletionFormat(model)
+    gen_request = body.to_generation_request(model, settings.default_max_tokens, settings.max_tokens_cap, settings.max_n)
+    # drain.watch: if the server's drain expires first, each choice ends with finish_reason "length"
+    submitted = state.metrics.observe_generation(model, await engine.submit(gen_request), arrived)
+    generation = state.drain.watch(submitted, gen_request.n)
+    n, logprobs = gen_request.n, gen_request.params.logprobs is not None
+    chat = isinstance(body, ChatCompletionRequest)
+    fmt: Format = ChatFormat(model, n, logprobs) if chat else CompletionFormat(model, n, logprobs)
     if body.stream:
         return EventSourceResponse(
             _sse(generation, fmt, body.include_usage()),
             sep="\n",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            # if the client is gone before the stream has started, _sse never runs: close the generation anyway
+            background=BackgroundTask(generation.aclose),
         )
-    text, calls, finished = await _collect(generation, request)
-    return JSONResponse(fmt.response(text, finished, calls))
+    answer = await _collect(generation, request, Answer(n))
+    return JSONResponse(fmt.response(answer))
 
 
 async def chat_completions(request: Request) -> Response:

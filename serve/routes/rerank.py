@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import anyio
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -48,9 +47,10 @@ async def rerank(request: Request) -> Response:
         raise APIError(404, f"reranker {body.model!r} is not served here; available: {reranker.name}", NOT_FOUND)
     texts = [d if isinstance(d, str) else d.text for d in body.documents]
     truncate = settings.reranker.truncate if body.truncate is None else body.truncate
-    out = await anyio.to_thread.run_sync(
+    out = await served.run(
+        "reranker",
         lambda: reranker.rerank(body.query, texts, top_n=body.top_n, raw_scores=body.raw_scores, truncate=truncate),
-        limiter=served.limiter,
+        items=len(texts),
     )
     results = []
     for r in out.results:
