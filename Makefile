@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: setup install models serve test test-slow check lint typecheck clean
+.PHONY: setup install models serve test test-slow check lint typecheck clean personas
 
 setup: install models
 
@@ -44,6 +44,12 @@ models: install
 
 serve: setup
 	$(EDGELLM) serve --config configs/serve.yaml
+
+# Three persona adapters on one base (about 30-45 minutes on 2 CPU cores): train, evaluate, convert to GGUF LoRA files.
+personas: setup
+	$(EDGELLM) train --config configs/train/personas.yaml
+	$(EDGELLM) train eval runs/personas
+	$(EDGELLM) convert --lora runs/personas --base-gguf models/SmolLM2-135M-Instruct.Q4_1.gguf --out models/personas --behaviour
 
 # torch and llama.cpp share one OpenMP runtime; more OpenMP threads than cores makes both crawl on small boxes.
 # llama.cpp sets its own thread counts, so this only keeps torch (training, conversion checks, reranker) at one.
