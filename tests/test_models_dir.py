@@ -202,3 +202,20 @@ def test_a_load_slower_than_load_timeout_is_503_then_served(default_gguf: Path, 
         while not models(url)["slow"] and time.monotonic() < deadline:
             time.sleep(0.2)
         assert chat(url, "slow").status_code == 200
+
+
+def test_ollama_clients_see_and_load_folder_models(lru_server: tuple[str, Path]) -> None:
+    """Ollama's /api/tags lists the folder's models, loaded or not; /api/chat loads one on demand; /api/ps lists
+    only the loaded ones."""
+    import ollama
+
+    url, _ = lru_server
+    httpx.post(f"{url}/models/unload", json={"model": "gamma"}, timeout=60)
+    with ollama.Client(host=url) as client:
+        assert {"alpha", "beta", "gamma"} <= {m.model for m in client.list().models}
+        assert "gamma" not in {m.model for m in client.ps().models}
+        answer = client.chat(model="gamma:latest", messages=[{"role": "user", "content": "Say hello."}],
+                             options={"num_predict": 4, "temperature": 0})
+        assert answer.done and answer.eval_count and answer.eval_count <= 4
+        assert models(url)["gamma"] is True
+        assert "gamma" in {m.model for m in client.ps().models}

@@ -41,6 +41,7 @@ from edgellm.serve.engine.base import (
     TextDelta,
     ToolCallDelta,
 )
+from edgellm.serve.engine.pool import ModelPool
 from edgellm.serve.errors import NOT_FOUND, NOT_SUPPORTED, APIError, to_api_error
 from edgellm.serve.http import ServerState, check_auth, read_json, ready_engine, server_state
 from edgellm.serve.routes.embeddings import NO_EMBEDDER
@@ -110,10 +111,14 @@ class Served:
     n_ctx: int
 
 
-def served_models(state: ServerState, engine: Engine) -> list[Served]:
-    """The chat models, then the embedder when it is a loaded GGUF file (a sentence-transformers folder is not
-    listed: Ollama's listings describe GGUF files)."""
-    out = [Served(m.name, Path(m.path), "chat", m.n_ctx) for m in engine.models()]
+def served_models(state: ServerState, engine: Engine, loaded_only: bool = False) -> list[Served]:
+    """The chat models (with ``--models-dir``, those not loaded yet too, unless ``loaded_only``), then the embedder
+    when it is a loaded GGUF file (a sentence-transformers folder is not listed: Ollama's listings describe GGUF
+    files)."""
+    infos = (
+        [e.info for e in engine.catalog()] if isinstance(engine, ModelPool) and not loaded_only else engine.models()
+    )
+    out = [Served(m.name, Path(m.path), "chat", m.n_ctx) for m in infos]
     embedder = state.embedder.model if state.embedder is not None else None
     if embedder is not None and Path(embedder.path).suffix == ".gguf":
         out.append(Served(embedder.name, Path(embedder.path), "embedding", embedder.max_length))
@@ -220,7 +225,7 @@ async def ps(request: Request) -> Response:
     cache = facts_cache(request)
     expires = timestamp(datetime.now(UTC) + FOREVER)
     models = []
-    for s in served_models(state, ready_engine(request)):
+    for s in served_models(state, ready_engine(request), loaded_only=True):
         entry, _ = await _listing(cache, s)
         del entry["modified_at"]
         models.append({**entry, "expires_at": expires, "size_vram": 0, "context_length": s.n_ctx})
@@ -370,7 +375,7 @@ def _chat_model(state: ServerState, engine: Engine, name: str | None) -> ModelIn
     s = find_model(served_models(state, engine), name)
     if s.kind != "chat":
         raise APIError(400, f"{s.name!r} is an embedding model: it does not generate; use /api/embed")
-    return next(m for m in engine.models() if m.name == s.name)
+    return ModelInfo(name=s.name, path=str(s.path), n_ctx=s.n_ctx, created=0)
 
 
 async def _answer(request: Request, body_type: type[ChatBody] | type[GenerateBody]) -> Response:
