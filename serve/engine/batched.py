@@ -43,7 +43,6 @@ from edgellm.serve.engine.base import (
     EngineOverloadedError,
     EngineStats,
     EngineUnavailableError,
-    Event,
     Finished,
     FinishReason,
     Generation,
@@ -68,20 +67,6 @@ from edgellm.serve.engine.specs import ModelSpec
 from edgellm.serve.engine.structured import StructuredOutput, needs_plan
 
 log = logging.getLogger(__name__)
-
-
-def _emit(job: Job, event: Event) -> None:
-    try:
-        job.stream.emit(event)
-    except RuntimeError:  # the request's event loop is gone: nobody is listening any more
-        job.cancelled.set()
-
-
-def _fail(job: Job, exc: BaseException) -> None:
-    try:
-        job.stream.fail(exc)
-    except RuntimeError:
-        job.cancelled.set()
 
 
 def retry_after(service_s: float, waiting: int, slots: int) -> int:
@@ -256,7 +241,7 @@ class BatchedModel:
             self._abort(slot, shutdown)
         with self._cond:
             for job in self._waiting:
-                _fail(job, shutdown)
+                job.fail(shutdown)
             self._waiting.clear()
 
     def _start(self, group: list[Slot]) -> None:
@@ -381,7 +366,7 @@ class BatchedModel:
             return
         text, stopped = s.stop.push(text)
         if text:
-            _emit(job, TextDelta(text, s.choice))
+            job.emit(TextDelta(text, s.choice))
         self._go_on(s, token, stopped)
 
     def _on_token_logprobs(self, s: Slot, token: int, text: str) -> None:
@@ -394,7 +379,7 @@ class BatchedModel:
         if stopped:
             queue.drop()
         if text or logprobs:
-            _emit(job, TextDelta(text, s.choice, logprobs))
+            job.emit(TextDelta(text, s.choice, logprobs))
         self._go_on(s, token, stopped)
 
     def _go_on(self, s: Slot, token: int, stopped: bool) -> None:
@@ -414,10 +399,9 @@ class BatchedModel:
                 text += s.stop.flush()
             logprobs = s.logprobs.take_all() if s.logprobs is not None and not stopped else ()
             if text or logprobs:
-                _emit(job, TextDelta(text, s.choice, logprobs))
+                job.emit(TextDelta(text, s.choice, logprobs))
         now = time.perf_counter()
-        _emit(
-            job,
+        job.emit(
             Finished(
                 finish_reason=reason,
                 prompt_tokens=len(job.tokens),
@@ -439,7 +423,7 @@ class BatchedModel:
         """Fail a slot's request and forget its KV (its state is unknown after an error); the request's other
         choices are dropped at the next step."""
         if s.job is not None:
-            _fail(s.job, exc)
+            s.job.fail(exc)
             s.job.cancelled.set()
         self._slots.forget(s)
         self._slots.release(s)

@@ -26,6 +26,7 @@ from edgellm.serve.engine.base import (
     EngineOverloadedError,
     EngineStats,
     EngineUnavailableError,
+    Event,
     Generation,
     GenerationRequest,
     InvalidPromptError,
@@ -51,6 +52,20 @@ class Job:
     stream: EventStream
     cancelled: threading.Event = field(default_factory=threading.Event)
     n: int = 1
+
+    def emit(self, event: Event) -> None:
+        """Send an event from a worker thread; if the request's event loop is gone, nobody listens: cancel it."""
+        try:
+            self.stream.emit(event)
+        except RuntimeError:
+            self.cancelled.set()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the request with ``exc`` from a worker thread (cancelled instead if its event loop is gone)."""
+        try:
+            self.stream.fail(exc)
+        except RuntimeError:
+            self.cancelled.set()
 
     def choice_params(self, i: int) -> SamplingParams:
         """Choice ``i``'s sampling: its own seed stream (``seed + i``) when a seed is given."""

@@ -19,7 +19,6 @@ from edgellm.serve.engine.base import (
     EngineOverloadedError,
     EngineStats,
     EngineUnavailableError,
-    Event,
     Finished,
     FinishReason,
     Generation,
@@ -36,20 +35,6 @@ from edgellm.serve.engine.structured import needs_plan
 from edgellm.serve.engine.tokens import PromptTokenizer
 
 log = logging.getLogger(__name__)
-
-
-def _emit(job: Job, event: Event) -> None:
-    try:
-        job.stream.emit(event)
-    except RuntimeError:  # the request's event loop is gone: nobody is listening any more
-        job.cancelled.set()
-
-
-def _fail(job: Job, exc: BaseException) -> None:
-    try:
-        job.stream.fail(exc)
-    except RuntimeError:
-        job.cancelled.set()
 
 
 class _TokenClock:
@@ -137,7 +122,7 @@ class SerialModel:
                     self._cond.wait()
                 if self._closing:
                     for job in self._waiting:
-                        _fail(job, EngineUnavailableError("the server is shutting down"))
+                        job.fail(EngineUnavailableError("the server is shutting down"))
                     self._waiting.clear()
                     return
                 job = self._waiting.popleft()
@@ -148,7 +133,7 @@ class SerialModel:
                     self._generate(job)
             except Exception as e:  # a failure of one request must not stop the worker
                 log.exception("generation failed")
-                _fail(job, e)
+                job.fail(e)
             finally:
                 with self._cond:
                     self._busy = False
@@ -183,19 +168,18 @@ class SerialModel:
                 if job.cancelled.is_set():
                     log.debug("request cancelled after %d tokens", clock.n)
                     if self._closing:
-                        _fail(job, EngineUnavailableError("the server is shutting down"))
+                        job.fail(EngineUnavailableError("the server is shutting down"))
                     return
                 choice = chunk["choices"][0]
                 if choice["text"]:
-                    _emit(job, TextDelta(choice["text"]))
+                    job.emit(TextDelta(choice["text"]))
                 if choice["finish_reason"]:
                     finish = "stop" if choice["finish_reason"] == "stop" else "length"
         finally:
             self._on_decoder(chunks.close)
         t1 = time.perf_counter()
         first = clock.first or t1
-        _emit(
-            job,
+        job.emit(
             Finished(
                 finish_reason=finish,
                 prompt_tokens=len(job.tokens),
