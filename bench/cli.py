@@ -119,6 +119,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         r.add_argument("--out", type=Path, default=None, help=f"folder for {kind}.json, {kind}.md and {kind}.png")
         r.set_defaults(func=_retrieval, kind=kind)
 
+    rt = bsub.add_parser(
+        "routing",
+        help="persona routing accuracy on a labelled set: keywords, embeddings, hybrid (confusion, latency)",
+        description="Routes each labelled message (default: bench/data/routing.jsonl) with each method the personas "
+        "of --config allow (embeddings and hybrid with the packaged MiniLM GGUF or --embedder); prints accuracy per "
+        "method and kind, the confusion table and routing latency p50/p95. --out writes routing.json and routing.md.",
+    )
+    rt.add_argument("--config", type=Path, required=True, help="a train recipe, an adapters folder or a serve YAML")
+    rt.add_argument("--data", type=Path, default=None, help="labelled JSONL (default: bench/data/routing.jsonl)")
+    rt.add_argument("--embedder", type=Path, default=None, help="an embedding GGUF (default: the packaged MiniLM)")
+    rt.add_argument("--no-embedder", dest="use_embedder", action="store_false", help="keywords only")
+    rt.add_argument("--default", default=None, help="the fallback persona (default: the config's, else the first)")
+    rt.add_argument("--out", type=Path, default=None, help="folder for routing.json and routing.md")
+    rt.set_defaults(func=lambda a: _print_report(*_routing(a)))
+
     k = bsub.add_parser(
         "soak",
         help="minutes of mixed traffic against one server: its RSS and file descriptors over time, errors, p95",
@@ -138,6 +153,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--warmup", type=float, default=0.2, help="fraction of the run before RSS is compared (default: 0.2)")
     k.add_argument("--out", type=Path, default=None, help="folder for soak.json, soak.md and soak.png")
     k.set_defaults(func=_soak)
+
+    from edgellm.bench.ondemand import add_arguments as ondemand_arguments
+
+    ondemand_arguments(bsub.add_parser(
+        "ondemand",
+        help="models from a folder loaded on demand: cold time to first token, decode beside a load, RSS after unload",
+        description="A real `edgellm serve --models-dir` over two GGUFs on loopback: time to first token of a model "
+        "not loaded, a loaded model's decode tok/s while another loads vs alone, the server's RSS before and after "
+        "keep_alive 0 unloads a model. Prints a table; --out writes ondemand.json, ondemand.md and ondemand.png.",
+    ))
+
+    from edgellm.bench.personas import add_arguments as personas_arguments
+
+    personas_arguments(bsub.add_parser(
+        "personas",
+        help="personas as LoRA adapters on one base vs merged GGUFs: aggregate tok/s and server memory",
+        description="Real servers, one per configuration: N concurrent greedy streams on the base, on one persona, "
+        "on N personas (N adapters on one base) and on N merged GGUFs (copies of the base file). Prints a table; "
+        "--out writes personas.json, personas.md and personas.png.",
+    ))
+
+    from edgellm.bench.workloads import add_workloads_parser  # options beside the benchmark; no heavy imports
+
+    add_workloads_parser(bsub, _int_list, _print_report)
 
 
 def _quant(args: argparse.Namespace) -> int:
@@ -253,6 +292,16 @@ def _soak(args: argparse.Namespace) -> int:
         out=args.out,
     )
     return _print_report(table(result), result.files)
+
+
+def _routing(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    from edgellm.bench.routing import bench_routing, table
+
+    result = bench_routing(
+        args.config, data=args.data, embedder=args.embedder, use_embedder=args.use_embedder, default=args.default,
+        out=args.out,
+    )
+    return table(result), result.files
 
 
 def _print_report(table: str, files: dict[str, str]) -> int:

@@ -29,6 +29,8 @@ class StreamResult:
     end: float = 0.0  # when the stream ended, or broke
     chunk_times: list[float] = field(default_factory=list)  # when each non-empty text chunk arrived
     usage_tokens: int | None = None  # completion tokens as the server counted them (its usage chunk)
+    text: str = ""  # the answer's content, as streamed
+    timings: dict[str, Any] | None = None  # llama-server's (and ours) per-response timings, when the server sends them
     error: str | None = None  # the kind of failure (see the module's docstring); None: a complete answer
     detail: str = ""
 
@@ -120,8 +122,12 @@ async def _read_events(resp: httpx.Response, res: StreamResult) -> None:
             return
         if chunk.get("usage"):
             res.usage_tokens = chunk["usage"].get("completion_tokens")
+        if chunk.get("timings"):
+            res.timings = chunk["timings"]
         for choice in chunk.get("choices") or []:
-            if (choice.get("delta") or {}).get("content"):
+            content = (choice.get("delta") or {}).get("content")
+            if content:
                 res.chunk_times.append(time.perf_counter())
+                res.text += content
     res.error = "truncated"
     res.detail = f"stream ended without [DONE] after {len(res.chunk_times)} content chunk(s)"

@@ -36,6 +36,7 @@ from typing import get_args
 
 import httpx
 
+from edgellm.bench import servers
 from edgellm.bench.client import StreamResult, chat_body, stream_chat
 from edgellm.bench.errors import BenchError
 from edgellm.bench.lowlevel import LlamaRunner, silence_llama_logs
@@ -43,7 +44,6 @@ from edgellm.bench.report import engines_chart, engines_table
 from edgellm.bench.results import EngineComparison, Level
 from edgellm.bench.stats import percentile
 from edgellm.fsutil import atomic_write_text
-from edgellm.launch import free_port, running_process, running_server
 from edgellm.serve.engine import (
     ChatMessage,
     ChatTemplate,
@@ -197,32 +197,16 @@ class Setup:
     n_ctx: int = 1024  # per slot
 
 
-def server_env() -> dict[str, str]:
-    """The servers' environment: ours, offline unless it says otherwise (a benchmark reaches no hub)."""
-    return {"HF_HUB_OFFLINE": "1", **os.environ}
-
-
 @contextmanager
 def edgellm_server(engine: str, setup: Setup) -> Iterator[str]:
-    args = [
-        "--engine", engine, "--set", f"models.0.path={setup.model}", "--set", f"models.0.n_threads={setup.threads}",
-        "--set", f"models.0.n_ctx={setup.n_ctx}", "--set", f"slots={setup.slots}", "--log-level", "warning",
-        "--no-reranker",
-    ]  # fmt: skip
-    with running_server(*args, env=server_env()) as url:
+    with servers.edgellm_server(setup.model, setup.threads, setup.slots, setup.n_ctx, engine=engine) as url:
         yield url
 
 
 @contextmanager
 def llama_server(binary: Path, setup: Setup) -> Iterator[str]:
     """llama.cpp's server with the same model, threads, slots and per-slot context as ours."""
-    port = free_port()
-    cmd = [
-        str(binary), "-m", str(setup.model), "--host", "127.0.0.1", "--port", str(port),
-        "-t", str(setup.threads), "-tb", str(setup.threads), "-np", str(setup.slots),
-        "-c", str(setup.n_ctx * setup.slots), "--no-webui",
-    ]  # fmt: skip
-    with running_process(cmd, port, env=server_env()) as url:
+    with servers.llama_server(binary, setup.model, setup.threads, setup.slots, setup.n_ctx) as url:
         yield url
 
 

@@ -50,6 +50,7 @@ from edgellm.manifest import (
     AdapterVerification,
     LoraAdapter,
     ManifestError,
+    PersonaProfile,
     ToolVersions,
     Verification,
     load_adapter_manifest,
@@ -86,6 +87,7 @@ class AdapterSource:
     folder: Path  # adapter_config.json + adapter_model.safetensors
     run: Path | None  # the train run folder (config.yaml, data/), when the adapter sits in one
     config: dict[str, Any]  # adapter_config.json
+    persona: PersonaProfile | None = None  # the dataset's `persona:` block in the run's config.yaml
 
     @property
     def rank(self) -> int:
@@ -148,7 +150,9 @@ def read_adapter(folder: Path) -> AdapterSource:
             raise AdapterError(f"{path}: {key} is set; llama.cpp's GGUF LoRA cannot express {what}")
     check_weights(folder / "adapter_model.safetensors")
     run = folder.parent if (folder.parent / "config.yaml").is_file() and folder.name == "adapter" else None
-    return AdapterSource(name=_adapter_name(folder, run), folder=folder.resolve(), run=run, config=config)
+    return AdapterSource(
+        name=_adapter_name(folder, run), folder=folder.resolve(), run=run, config=config, persona=_run_persona(run)
+    )
 
 
 def check_weights(path: Path) -> None:
@@ -195,6 +199,16 @@ def _adapter_name(folder: Path, run: Path | None) -> str:
 
         return load_train_config(run / "config.yaml").datasets[0].name
     return folder.parent.name if folder.name == "adapter" else folder.name
+
+
+def _run_persona(run: Path | None) -> PersonaProfile | None:
+    """The ``persona:`` block of the run's dataset (its saved config.yaml), to serve the adapter as that persona."""
+    if run is None:
+        return None
+    from edgellm.train.config import load_train_config
+
+    spec = load_train_config(run / "config.yaml").datasets[0].persona
+    return PersonaProfile.model_validate(spec.model_dump()) if spec is not None else None
 
 
 def resolve_base_hf(explicit: Path | None, adapters: Sequence[AdapterSource]) -> Path:
@@ -449,6 +463,7 @@ def convert_adapter(
             source_sha256=hash_directory(source.folder),
             run=str(source.run.resolve()) if source.run is not None else None,
             verification=AdapterVerification(prompts=len(prompts), reference=gate, served=served),
+            persona=source.persona,
         )
     log.info(
         "%s: %s (%.1f MB, r=%d, alpha=%g): KL vs merged mean %.2e p99 %.2e on %s%s",
@@ -503,6 +518,7 @@ def convert_adapters(
     for source in sources:
         if not force and (same := _unchanged(kept.get(source.name), previous, source, tools, outtype)):
             log.info("%s: %s is up to date (same adapter, base and tools)", source.name, same.path)
+            kept[source.name] = same.model_copy(update={"persona": source.persona})  # the run's profile as it is now
         else:
             todo.append(source)
     reference_record = previous.reference_base if previous is not None else base

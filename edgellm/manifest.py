@@ -14,6 +14,7 @@ Stdlib and pydantic only (the server imports this module; it must not pull in to
     adapters.base.absolute_path                   # the base GGUF they apply to (sha256 checked by `check_files`)
     for a in adapters.adapters:                   # hammy, steps, owl
         a.name, a.absolute_path, a.rank, a.alpha, a.target_modules, a.verification.reference.kl_mean
+        a.persona                                 # PersonaProfile (system prompt, limits, triggers) or None
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from edgellm.errors import EdgeLLMError
 
@@ -216,6 +217,32 @@ class AdapterVerification(BaseModel):
     served: Verification | None = None  # on the base GGUF in the manifest, when that is another (quantized) file
 
 
+class PersonaProfile(BaseModel):
+    """How an adapter is served as a persona: its system prompt, limits, phrase filter and routing hints. Written in
+    the train recipe (a dataset's ``persona:`` block, `edgellm.train.config.PersonaSpec`), carried by `edgellm
+    convert --lora` into ``adapters.json`` and read by `serve` (the fields of ``serve.settings.PersonaSettings``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    system_prompt: str | None = Field(None, description="put before the conversation's own system message")
+    max_tokens: int | None = Field(None, ge=1, description="cap on the answer's tokens (finish_reason 'length')")
+    max_words: int | None = Field(
+        None, ge=1, description="cap on the answer's words: it stops at a word boundary (finish_reason 'length')"
+    )
+    forbidden_phrases: list[str] = Field(
+        default_factory=list, description="removed from the answer, also when split across tokens and chunks"
+    )
+    triggers: list[str] = Field(default_factory=list, description="keywords that route a message to this persona")
+    description: str | None = Field(None, description="what the persona is for (shown in /v1/models; routing)")
+
+    @field_validator("forbidden_phrases", "triggers")
+    @classmethod
+    def _no_empty_strings(cls, values: list[str]) -> list[str]:
+        if any(not v.strip() for v in values):
+            raise ValueError("empty strings are not allowed")
+        return values
+
+
 class LoraAdapter(BaseModel):
     """One PEFT LoRA adapter converted by llama.cpp's ``convert_lora_to_gguf.py``."""
 
@@ -236,6 +263,7 @@ class LoraAdapter(BaseModel):
     source_sha256: str  # over adapter_config.json and the adapter weights (`sha256_dir`-style lines)
     run: str | None = None  # the train run folder (config.yaml, data/) it came from
     verification: AdapterVerification
+    persona: PersonaProfile | None = None  # the dataset's `persona:` block in the train recipe, if it has one
 
     _root: Path | None = PrivateAttr(default=None)
 

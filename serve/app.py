@@ -21,9 +21,11 @@ from starlette.routing import Route
 
 from edgellm.serve.drain import Drain, DrainMiddleware
 from edgellm.serve.engine import Engine, ModelSpec, build_engine
+from edgellm.serve.engine.pool import ModelPool
 from edgellm.serve.errors import exception_handlers
 from edgellm.serve.http import EmbedderState, ModelState, RerankerState, ServerState
-from edgellm.serve.metrics import HTTPMetricsMiddleware, Metrics
+from edgellm.serve.metrics import HTTPMetricsMiddleware, Metrics, pool_families
+from edgellm.serve.personas import PersonaSet, build_router
 from edgellm.serve.routes.embeddings import embeddings
 from edgellm.serve.routes.generate import chat_completions, completions
 from edgellm.serve.routes.info import health, list_models, livez
@@ -35,7 +37,8 @@ from edgellm.serve.routes.rerank import rerank
 from edgellm.serve.routes.slots import slots
 from edgellm.serve.routes.tokenize import apply_template, detokenize, tokenize
 from edgellm.serve.settings import EmbedderSettings, ModelsDir, RerankerSettings, ServeSettings
-from edgellm.serve.sizing import plan_contexts
+from edgellm.serve.sizing import estimate_memory, parse_memory_budget, plan_contexts
+from edgellm.serve.throttle import Probe, PsutilProbe, Reading, Throttle
 
 if TYPE_CHECKING:
     from edgellm.serve.engine.embed import Embedder
@@ -51,6 +54,7 @@ def model_specs(settings: ServeSettings) -> list[ModelSpec]:
     ``n_ctx: null`` gets a context sized to this machine (``sizing.plan_contexts``, which logs the plan)."""
     slots = settings.slots if settings.engine == "batched" else 1
     plans = plan_contexts([(m.name, m.path, m.n_ctx) for m in settings.models], slots)
+    personas = PersonaSet.from_settings(settings)  # each base loads its personas' LoRA adapters, once
     return [
         ModelSpec(
             name=m.name,
@@ -60,6 +64,7 @@ def model_specs(settings: ServeSettings) -> list[ModelSpec]:
             n_gpu_layers=m.n_gpu_layers,
             n_batch=m.n_batch,
             chat_template=m.chat_template.read_text(encoding="utf-8") if m.chat_template else None,
+            loras=personas.loras_for(m.name),
         )
         for m, plan in zip(settings.models, plans, strict=True)
     ]
@@ -87,7 +92,7 @@ def dir_catalog(settings: ServeSettings) -> Callable[[], list[ModelSpec]] | None
 
 
 def _default_engine_factory(settings: ServeSettings) -> Engine:
-    return build_engine(
+    engine = build_engine(
         settings.engine,
         model_specs(settings),
         slots=settings.slots,
@@ -96,7 +101,43 @@ def _default_engine_factory(settings: ServeSettings) -> Engine:
         max_loaded=settings.max_loaded_models,
         keep_alive=settings.keep_alive,
         load_timeout=settings.load_timeout,
+        draft=settings.draft.enabled,
+        draft_n_max=settings.draft.n_max,
+        draft_ngram_max=settings.draft.ngram_max,
+        draft_ngram_min=settings.draft.ngram_min,
+        jump_forward=settings.draft.jump_forward,
     )
+    _configure_memory(engine, settings)
+    return engine
+
+
+def _configure_memory(engine: Engine, settings: ServeSettings) -> None:
+    """Each model's estimated RAM (file + KV cache of its slots) and the memory budget, for the on-demand pool."""
+    if isinstance(engine, ModelPool):
+        slots = settings.slots if settings.engine == "batched" else 1
+        budget = parse_memory_budget(settings.memory_budget)
+        engine.configure_memory(lambda spec: estimate_memory(spec.path, spec.n_ctx, slots), budget)
+
+
+def _start_throttle(
+    settings: ServeSettings, state: ServerState, metrics: Metrics, probe: Probe | None
+) -> asyncio.Task[None] | None:
+    """The throttle (``serve/throttle.py``) over the loaded models, its gauges in /metrics; its task when enabled."""
+    t = settings.throttle
+    throttle = Throttle(
+        probe or (PsutilProbe() if t.enabled else Reading),
+        lambda: state.engine.loaded_workers() if isinstance(state.engine, ModelPool) else [],
+        threads=t.threads, slots=t.slots, on_battery=t.on_battery, cpu_percent=t.cpu_percent, interval=t.interval,
+    )
+    metrics.sources["throttle"] = throttle.families
+    if not t.enabled:
+        return None
+    if settings.engine == "serial":
+        log.warning("throttle: the serial engine has no thread or slot limits to set; throttling changes nothing")
+    log.info("throttle: on battery %s, CPU of other processes above %s: %d threads, %d slots per model (checked "
+             "every %g s)", t.on_battery, f"{t.cpu_percent:g}%" if t.cpu_percent else "never", t.threads, t.slots,
+             t.interval)
+    return asyncio.create_task(throttle.run())
 
 
 def _load_reranker(r: RerankerSettings) -> Reranker:
@@ -174,6 +215,19 @@ def _answering_embedder(e: EmbedderSettings) -> Embedder:
     return embedder
 
 
+async def _embedding_routers(settings: ServeSettings, state: ServerState) -> None:
+    """The routers that compare messages with persona descriptions, once the embedder answers (each persona's
+    vector computed once, here)."""
+    embedder = state.embedder.model if state.embedder is not None else None
+    if embedder is None:
+        return
+    for r in settings.routers:
+        if r.method != "keywords":
+            router = build_router(r, state.personas, embedder)
+            await asyncio.to_thread(router.warm)
+            state.routers[r.name] = router
+
+
 async def _load_into(state: ModelState[Any], what: str, load: Callable[[], Any]) -> None:
     try:
         state.model = await asyncio.to_thread(load)
@@ -183,17 +237,24 @@ async def _load_into(state: ModelState[Any], what: str, load: Callable[[], Any])
 
 
 def create_app(
-    settings: ServeSettings, engine_factory: EngineFactory | None = None, drain: Drain | None = None
+    settings: ServeSettings,
+    engine_factory: EngineFactory | None = None,
+    drain: Drain | None = None,
+    throttle_probe: Probe | None = None,
 ) -> Starlette:
     """Build the app. ``engine_factory`` replaces the llama.cpp engine (unit tests use a fake one); ``drain`` is
-    the one the server's signal handler starts (``drain.DrainingServer``; default: a new one, started by nobody)."""
+    the one the server's signal handler starts (``drain.DrainingServer``; default: a new one, started by nobody);
+    ``throttle_probe`` replaces psutil's reading of the machine for throttling (tests drive it)."""
     factory = engine_factory or _default_engine_factory
     drain = drain or Drain(settings.shutdown_timeout)
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, ServerState]]:
-        state = ServerState(settings=settings, drain=drain, metrics=metrics)
+        state = ServerState(settings=settings, drain=drain, metrics=metrics, personas=PersonaSet.from_settings(settings))
+        for r in settings.routers:  # keyword routers now; embedding ones once the embedder answers
+            if r.method == "keywords":
+                state.routers[r.name] = build_router(r, state.personas)
         if settings.reranker is not None:
             state.reranker = RerankerState(
                 limiter=anyio.CapacityLimiter(1),
@@ -218,18 +279,25 @@ def create_app(
                 return
             if state.embedder is not None and (embedder := settings.embedder) is not None:
                 await _load_into(state.embedder, "embedder", lambda: _answering_embedder(embedder))
+                await _embedding_routers(settings, state)
             if state.reranker is not None and (reranker := settings.reranker) is not None:
                 await _load_into(state.reranker, "reranker", lambda: _answering_reranker(reranker))
             if state.readiness()["status"] == "ok":
                 log.info("ready: every configured part answers")
 
         loader = asyncio.create_task(load())
+        metrics.sources["models"] = lambda: pool_families(state.engine)
+        throttling = _start_throttle(settings, state, metrics, throttle_probe)
         try:
             yield {"server": state}
         finally:
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
+            if throttling is not None:
+                throttling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await throttling
             if state.engine is not None:
                 await state.engine.close()
             for loaded in (state.embedder, state.reranker):

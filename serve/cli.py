@@ -69,6 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedder", type=Path, metavar="GGUF", help="serve this embedding GGUF at /v1/embeddings")
     p.add_argument("--no-embedder", action="store_true", help="do not load the configured embedder")
     p.add_argument(
+        "--personas",
+        type=Path,
+        metavar="DIR",
+        help="serve every adapter of DIR/adapters.json (`edgellm convert --lora`) as a persona on its base GGUF "
+        "(added to the models unless one is that file), with the profiles their train recipe gave them, and a "
+        "keyword router `auto` unless routers are configured",
+    )
+    p.add_argument(
         "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override any key, e.g. models.0.n_ctx=2048"
     )
     for name, help_text in _scalar_fields():
@@ -108,7 +116,27 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         settings = settings.model_copy(update={"reranker": None})
     if args.no_embedder:
         settings = settings.model_copy(update={"embedder": None})
+    if args.personas:
+        settings = with_personas(settings, args.personas)
     return settings
+
+
+def with_personas(settings: Any, folder: Path) -> Any:
+    """``settings`` serving the adapters of ``folder/adapters.json`` as personas (``--personas``)."""
+    from edgellm.serve.personas import base_model_from_adapters, default_router, personas_from_adapters
+    from edgellm.serve.settings import ServeSettings
+
+    data = settings.model_dump(mode="json")
+    base = base_model_from_adapters(folder)
+    same = [m for m in data["models"] if Path(m["path"]).resolve() == Path(base["path"]).resolve()]
+    if same:
+        base["name"] = same[0]["name"]
+    else:
+        data["models"].append(base)
+    data["personas"] = data["personas"] + personas_from_adapters(folder, base["name"])
+    if not data["routers"]:
+        data["routers"] = [default_router(data["personas"])]
+    return ServeSettings.model_validate(data)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ shape limit, auth."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
@@ -16,9 +17,10 @@ import anyio
 from starlette.requests import Request
 
 from edgellm.serve.drain import Drain
-from edgellm.serve.engine.base import Engine
+from edgellm.serve.engine.base import Engine, GenerationRequest
 from edgellm.serve.errors import AUTHENTICATION, NOT_SUPPORTED, UNAVAILABLE, APIError
 from edgellm.serve.metrics import Metrics
+from edgellm.serve.personas import PersonaSet, RouteDecision, Router, routing_text
 from edgellm.serve.settings import ServeSettings
 
 if TYPE_CHECKING:
@@ -106,6 +108,8 @@ class ServerState:
     load_error: str | None = None
     reranker: RerankerState | None = None
     embedder: EmbedderState | None = None
+    personas: PersonaSet = field(default_factory=lambda: PersonaSet([]))
+    routers: dict[str, Router] = field(default_factory=dict)  # by name; embedding routers once the embedder answers
 
     @property
     def ready(self) -> bool:
@@ -146,6 +150,37 @@ def ready_engine(request: Request) -> Engine:
             raise APIError(503, f"the models failed to load: {state.load_error}", UNAVAILABLE)
         raise APIError(503, "the models are still loading; retry shortly", UNAVAILABLE, {"Retry-After": "1"})
     return state.engine
+
+
+def serves_persona(state: ServerState, name: str | None) -> bool:
+    """Whether ``name`` is a persona or a router (configured; a router may still wait for the embedder)."""
+    return bool(name) and (name in state.personas or any(r.name == name for r in state.settings.routers))
+
+
+def persona_base(state: ServerState, name: str) -> str:
+    """The model a persona (or a router's default persona) runs on."""
+    router = next((r for r in state.settings.routers if r.name == name), None)
+    return state.personas.get(router.default if router is not None else name).base
+
+
+async def for_persona(
+    state: ServerState, request: GenerationRequest
+) -> tuple[GenerationRequest, RouteDecision | None]:
+    """A request for a persona (``model: "<persona>"``) or a router (``model: "auto"``) as the engine runs it: the
+    router's choice (from the last user message; an embedding router in a worker thread), then the persona's base,
+    adapters, system prompt, caps and filters (``PersonaSet.apply``). Other requests pass unchanged."""
+    name, decision = request.model, None
+    if any(r.name == name for r in state.settings.routers):
+        router = state.routers.get(name)
+        if router is None:
+            raise APIError(503, f"router {name!r} waits for the embedder to load; retry shortly", UNAVAILABLE,
+                           {"Retry-After": "1"})
+        text = routing_text(request)
+        decision = await asyncio.to_thread(router.route, text) if router.blocking else router.route(text)
+        name = decision.persona
+    if name in state.personas:
+        return state.personas.apply(name, request), decision
+    return request, decision
 
 
 def check_auth(request: Request, api_key: str | None) -> None:

@@ -7,7 +7,9 @@ with a ``model`` label (llama-server serves one model per process), plus the his
 rerank / embedding request latency.
 
 One ``Metrics`` per app (no process-wide registry): the routes record into it on the event loop, and ``render``
-asks the engine for its live state (slots, waiting requests, decode calls) at scrape time.
+asks the engine for its live state (slots, waiting requests, decode calls) at scrape time. Further gauges come from
+``sources`` the lifespan adds (each a function yielding metric families at scrape time): ``pool_families`` (each
+loaded model's estimated memory, its decoding threads and open slots, the memory budget) and the throttle's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edgellm.serve.engine.base import EngineStats, Event, Finished, Generation, TextDelta, ToolCallDelta
+from edgellm.serve.engine.base import (
+    Engine,
+    EngineStats,
+    Event,
+    Finished,
+    Generation,
+    TextDelta,
+    ToolCallDelta,
+)
+from edgellm.serve.engine.pool import ModelPool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -84,6 +95,7 @@ class Metrics:
         self.retrieval: dict[str, Histogram] = {}  # "rerank" / "embeddings" -> request latency
         self.retrieval_items: dict[str, int] = {}  # documents reranked / inputs embedded
         self.started = time.time()
+        self.sources: dict[str, Callable[[], Iterable[Metric]]] = {}  # more families, read at scrape time
 
     def model(self, name: str) -> ModelMetrics:
         m = self.models.get(name)
@@ -220,6 +232,8 @@ class _Collector:
         yield from self._latency()
         yield from self._engine()
         yield from self._server()
+        for source in list(self.metrics.sources.values()):
+            yield from source()
 
     def _llamacpp(self) -> Iterable[Metric]:
         models = self.metrics.models
@@ -277,6 +291,15 @@ class _Collector:
                 busy.add_metric([snap.model], snap.busy_slots_per_decode)
         yield decode
         yield busy
+        drafted = CounterMetricFamily("llamacpp:n_draft_tokens", "Draft tokens verified (speculative decoding)",
+                                      labels=["model"])
+        accepted = CounterMetricFamily("llamacpp:n_draft_tokens_accepted", "Draft tokens accepted", labels=["model"])
+        for snap in self.snapshots:
+            if snap.draft_n is not None:
+                drafted.add_metric([snap.model], float(snap.draft_n))
+                accepted.add_metric([snap.model], float(snap.draft_n_accepted or 0))
+        yield drafted
+        yield accepted
 
     def _latency(self) -> Iterable[Metric]:
         models = self.metrics.models
@@ -337,4 +360,31 @@ class _Collector:
         yield GaugeMetricFamily("edgellm:start_time_seconds", "Server start, Unix time", value=self.metrics.started)
 
 
-__all__ = ["CONTENT_TYPE", "HTTPMetricsMiddleware", "Histogram", "Metrics", "ModelMetrics"]
+def pool_families(engine: Engine | None) -> Iterable[Metric]:
+    """Per loaded model: its estimated memory (file + KV cache), its decoding threads and the slots open to new
+    requests (lower while throttled); the memory budget when one is set."""
+    memory = GaugeMetricFamily("edgellm:model_memory_bytes", "Estimated RAM of a loaded model (GGUF file + KV cache)",
+                               labels=["model"])
+    threads = GaugeMetricFamily("edgellm:decode_threads", "Threads a model decodes with now", labels=["model"])
+    slots = GaugeMetricFamily("edgellm:slots_open", "Slots new requests may fill now (fewer while throttled)",
+                              labels=["model"])
+    if isinstance(engine, ModelPool):
+        loaded = engine.loaded_memory()
+        for name, size in sorted(loaded.items()):
+            memory.add_metric([name], float(size))
+        yield memory
+        if engine.memory_budget is not None:
+            yield GaugeMetricFamily("edgellm:memory_budget_bytes", "memory_budget: RAM the models may take together",
+                                    value=float(engine.memory_budget))
+            yield GaugeMetricFamily("edgellm:models_memory_bytes", "Estimated RAM of every loaded model",
+                                    value=float(sum(loaded.values())))
+        for worker in engine.loaded_workers():
+            limits = getattr(worker, "limits", None)
+            if limits is not None:
+                threads.add_metric([worker.spec.name], float(limits[0]))
+                slots.add_metric([worker.spec.name], float(limits[1]))
+    yield threads
+    yield slots
+
+
+__all__ = ["CONTENT_TYPE", "HTTPMetricsMiddleware", "Histogram", "Metrics", "ModelMetrics", "pool_families"]

@@ -135,7 +135,118 @@ class EmbedderSettings(_Strict):
         return self.backend or ("llama.cpp" if self.path.suffix == ".gguf" else "sentence-transformers")
 
 
+class LoraSettings(_Strict):
+    """A GGUF LoRA adapter (made by `edgellm convert --lora`) applied at run time on its persona's base model."""
+
+    path: Path
+    scale: float = Field(1.0, ge=-4.0, le=4.0, description="the adapter's weight (1: as trained)")
+
+    @field_validator("path")
+    @classmethod
+    def _adapter_readable(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"LoRA adapter file {path} does not exist")
+        return path
+
+
+class PersonaSettings(_Strict):
+    """A persona: a model under ``models`` with LoRA adapters applied at run time (one copy of the base weights
+    however many personas share it), its system prompt and limits. Clients select it as ``model: "<name>"``."""
+
+    name: str = Field(min_length=1)
+    base: str = Field(min_length=1, description="the name of a model under `models` the adapters apply to")
+    adapters: list[LoraSettings] = Field(
+        default_factory=list, description="LoRA adapters applied together (empty: the base with this profile)"
+    )
+    system_prompt: str | None = Field(None, description="put before the conversation's own system message")
+    max_tokens: int | None = Field(None, ge=1, description="cap on the answer's tokens (finish_reason 'length')")
+    max_words: int | None = Field(
+        None, ge=1, description="cap on the answer's words: it stops at a word boundary (finish_reason 'length')"
+    )
+    forbidden_phrases: list[str] = Field(
+        default_factory=list, description="removed from the answer, also when split across tokens and chunks"
+    )
+    triggers: list[str] = Field(default_factory=list, description="keywords that route a message to this persona")
+    description: str | None = Field(None, description="what the persona is for (shown in /v1/models; routing)")
+
+    @field_validator("forbidden_phrases", "triggers")
+    @classmethod
+    def _no_empty_strings(cls, values: list[str]) -> list[str]:
+        if any(not v.strip() for v in values):
+            raise ValueError("empty strings are not allowed")
+        return values
+
+    @field_validator("adapters")
+    @classmethod
+    def _distinct_adapters(cls, adapters: list[LoraSettings]) -> list[LoraSettings]:
+        files = [a.path.resolve() for a in adapters]
+        if len(set(files)) != len(files):
+            raise ValueError("an adapter file is listed twice; give it once, with the sum of the scales")
+        return adapters
+
+
+class RouterSettings(_Strict):
+    """A model name (``auto`` by default) that picks a persona for each request's last user message, without an
+    LLM call, and says why (scores per persona)."""
+
+    name: str = Field("auto", min_length=1)
+    personas: list[str] | None = Field(None, description="the personas it chooses from (null: all)")
+    default: str = Field(description="the persona chosen when no score reaches the threshold")
+    threshold: float | None = Field(
+        None,
+        ge=0.0,
+        description="the least score a persona needs to be chosen; null: the method's own (keywords 1: one trigger "
+        "word; embeddings 0.15: cosine similarity; hybrid 1), see edgellm/routing.py",
+    )
+    method: Literal["keywords", "embeddings", "hybrid"] = Field(
+        "keywords",
+        description="keywords: trigger matches (< 1 ms); embeddings: similarity to each description with the "
+        "configured embedder; hybrid: both",
+    )
+
+
+class ThrottleSettings(_Strict):
+    """Throttling on a laptop (off by default; needs psutil): while the machine runs on battery, or while the rest
+    of the machine (every process but this server) uses more than ``cpu_percent`` of the CPU, each loaded model of
+    the batched engine decodes with ``threads`` threads and admits new requests into at most ``slots`` slots;
+    checked every ``interval`` seconds, restored when the condition ends."""
+
+    enabled: bool = False
+    on_battery: bool = Field(True, description="throttle while the machine runs on battery")
+    cpu_percent: float | None = Field(
+        None, gt=0, le=100, description="throttle while the other processes use more than this share of the CPU "
+        "(percent of all cores); null: CPU use never throttles"
+    )
+    threads: int = Field(1, ge=1, description="decoding threads per model while throttled")
+    slots: int = Field(1, ge=1, description="slots new requests may fill per model while throttled")
+    interval: float = Field(5.0, ge=0.1, le=3600, description="seconds between checks")
+
+
+class DraftSettings(_Strict):
+    """Speculative decoding from the context in the batched engine (serve/engine/speculative.py): each stream drafts
+    up to ``n_max`` tokens copied from its prompt and output, verified in the step's batch; greedy output unchanged
+    (up to llama.cpp's rounding at near ties), sampled output keeps its distribution. ``jump_forward``: under a
+    grammar, propose the text it forced in earlier answers under the same grammar (shared across clients: its speed
+    can reveal whether another client's answer went the same way: off by default, keep it off between untrusted
+    tenants)."""
+
+    enabled: bool = Field(True, description="draft tokens from the context and verify them in one batch")
+    n_max: int = Field(8, ge=1, le=64, description="most draft tokens per stream and step")
+    ngram_max: int = Field(4, ge=1, le=16, description="longest n-gram matched against the context")
+    ngram_min: int = Field(2, ge=1, le=16, description="shortest n-gram matched against the context")
+    jump_forward: bool = Field(
+        False, description="under a grammar, draft the text it forced in earlier answers under the same grammar"
+    )
+
+    @model_validator(mode="after")
+    def _ngram_order(self) -> DraftSettings:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"draft.ngram_min ({self.ngram_min}) must not exceed draft.ngram_max ({self.ngram_max})")
+        return self
+
+
 class ServeSettings(_Strict):
+    draft: DraftSettings = Field(default_factory=lambda: DraftSettings.model_validate({}))
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     engine: EngineKind = Field(
@@ -159,6 +270,12 @@ class ServeSettings(_Strict):
     load_timeout: float = Field(
         120.0, gt=0, description="seconds a request waits for its model to load; beyond it: 503 with Retry-After"
     )
+    memory_budget: int | str | None = Field(
+        None, description="RAM the models may take together (bytes, a size such as '6GB', or a share of the memory "
+        "available at start such as '75%'; null: no budget): loading a model from models_dir unloads the least "
+        "recently used idle ones until the estimates (file + KV cache) fit"
+    )
+    throttle: ThrottleSettings = Field(default_factory=lambda: ThrottleSettings.model_validate({}))
     max_tokens_cap: int = Field(2048, ge=1, description="upper bound on a request's max_tokens")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request gives none")
     max_n: int = Field(8, ge=1, le=64, description="largest `n` (choices per request) accepted")
@@ -172,6 +289,10 @@ class ServeSettings(_Strict):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted (413 beyond)")
     api_key: str | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
     cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed (no credentials)")
+    personas: list[PersonaSettings] = Field(
+        default_factory=list, description="LoRA personas on the models above, served as models of their own"
+    )
+    routers: list[RouterSettings] = Field(default_factory=list, description="model names that route to a persona")
     reranker: RerankerSettings | None = None
     embedder: EmbedderSettings | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -185,12 +306,44 @@ class ServeSettings(_Strict):
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
         return models
 
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_readable(cls, value: int | str | None) -> int | str | None:
+        from edgellm.serve.sizing import parse_memory_budget
+
+        parse_memory_budget(value, available=1)  # the syntax; a share is resolved against the memory at start
+        return value
+
     @model_validator(mode="after")
     def _some_models(self) -> ServeSettings:
         if not self.models and self.models_dir is None:
             raise ValueError("no models: list some under `models` or serve a folder of them with `models_dir`")
         if self.models_dir is not None and not self.models_dir.is_dir():
             raise ValueError(f"models_dir {self.models_dir} is not a folder")
+        return self
+
+    @model_validator(mode="after")
+    def _personas_fit(self) -> ServeSettings:
+        models = {m.name for m in self.models}
+        names = [p.name for p in self.personas] + [r.name for r in self.routers]
+        dupes = sorted({n for n in names if names.count(n) > 1} | (set(names) & models))
+        if dupes:
+            raise ValueError(f"persona and router names must be unique and differ from model names: {', '.join(dupes)}")
+        personas = {p.name for p in self.personas}
+        if self.personas and self.engine != "batched":
+            raise ValueError("personas need the batched engine (LoRA adapters at run time); set engine: batched")
+        for p in self.personas:
+            if p.base not in models:
+                raise ValueError(f"persona {p.name!r}: base {p.base!r} is not a model under `models` ({sorted(models)})")
+        for r in self.routers:
+            chosen = set(r.personas if r.personas is not None else personas)
+            unknown = sorted((chosen | {r.default}) - personas)
+            if unknown:
+                raise ValueError(f"router {r.name!r}: no persona named {', '.join(map(repr, unknown))}")
+            if r.default not in chosen:
+                raise ValueError(f"router {r.name!r}: its default {r.default!r} is not among its personas")
+            if r.method != "keywords" and self.embedder is None:
+                raise ValueError(f"router {r.name!r}: method {r.method!r} needs an `embedder`")
         return self
 
     @model_validator(mode="after")

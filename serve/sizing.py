@@ -6,11 +6,16 @@ chosen.
 The KV cache of one token is K and V for every layer, ``head_count_kv x key_length`` (and ``value_length``) values
 each, in f16 (llama.cpp's default cache type): 23 KB for SmolLM2-135M (30 layers, 3 KV heads of 64). The batched
 engine gives each of its ``slots`` sequences ``n_ctx`` cells.
+
+The same arithmetic estimates what a model takes in RAM once loaded (``estimate_memory``: its file, memory-mapped,
+plus its KV cache), which the on-demand pool weighs against ``memory_budget`` (``parse_memory_budget``: bytes, a
+size such as ``"6GB"``, or a share of the available memory such as ``"75%"``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,4 +90,79 @@ def plan_contexts(
     return plans
 
 
-__all__ = ["ModelPlan", "kv_bytes_per_token", "plan_contexts"]
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a loaded model takes in RAM, estimated: its GGUF file (memory-mapped weights) and its f16 KV cache
+    (``slots x n_ctx x kv_bytes_per_token``). llama.cpp's compute buffers (a few tens of MB) come on top."""
+
+    weights_bytes: int
+    kv_bytes: int
+    n_layers: int
+
+    @property
+    def total(self) -> int:
+        return self.weights_bytes + self.kv_bytes
+
+    def offloaded(self, n_gpu_layers: int) -> int:
+        """The share on a GPU with ``n_gpu_layers`` layers offloaded (-1: all), KV offloaded with its layers."""
+        if n_gpu_layers < 0 or (self.n_layers and n_gpu_layers >= self.n_layers):
+            return self.total
+        return self.total * n_gpu_layers // self.n_layers if self.n_layers else 0
+
+
+def estimate_memory(path: Path, n_ctx: int, slots: int) -> MemoryEstimate:
+    """A model's RAM once loaded with ``slots`` sequences of ``n_ctx`` tokens (reads the GGUF header: blocking)."""
+    meta = read_header(path, with_tensors=False).meta
+    arch = meta["general.architecture"]
+    return MemoryEstimate(
+        weights_bytes=Path(path).stat().st_size,
+        kv_bytes=slots * n_ctx * kv_bytes_per_token(meta),
+        n_layers=int(meta.get(f"{arch}.block_count", 0)),
+    )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_memory_budget(value: int | str | None, available: int | None = None) -> int | None:
+    """``memory_budget`` in bytes: None (no budget), a number of bytes, a size (``"6GB"``, ``"512MiB"``, ``"2g"``)
+    or a percentage of ``available`` (default: the memory available now, ``hardware.available_memory``) such as
+    ``"75%"``. ``ValueError`` says what is wrong with anything else."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"memory_budget: expected bytes, a size such as '6GB' or a share such as '75%', got {value!r}")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError(f"memory_budget: must be more than 0 bytes, got {value!r}")
+        return int(value)
+    text = value.strip()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"memory_budget: {value!r} is not a percentage such as '75%'") from None
+        if not 0 < share <= 100:
+            raise ValueError(f"memory_budget: a share of the available memory must be in (0, 100]%, got {value!r}")
+        return int((available_memory() if available is None else available) * share / 100)
+    m = _SIZE.match(text)
+    if m is None:
+        raise ValueError(f"memory_budget: expected bytes, a size such as '6GB' or '512MiB', or a share of the "
+                         f"available memory such as '75%'; got {value!r}")
+    unit = (m.group(2) or "").lower().removesuffix("b")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"memory_budget: must be more than 0 bytes, got {value!r}")
+    return size
+
+
+__all__ = [
+    "MemoryEstimate",
+    "ModelPlan",
+    "estimate_memory",
+    "kv_bytes_per_token",
+    "parse_memory_budget",
+    "plan_contexts",
+]

@@ -53,3 +53,36 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_adapters(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three GGUF LoRA adapters for the default model's base, made by llama.cpp's own ``convert_lora_to_gguf.py``
+    from PEFT adapters with random A and B (no training: seconds, and each one visibly changes greedy answers).
+    Built once per session; the personas' trained adapters come from `make personas`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edgellm.catalog import pull
+    from edgellm.convert.llamacpp import require_converter, run_lora_converter
+
+    base = pull("base")
+    converter = require_converter()
+    out = tmp_path_factory.mktemp("smollm2-adapters")
+    paths = []
+    for i in range(3):
+        torch.manual_seed(100 + i)
+        model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+        config = LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False
+        )
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.5)
+        peft_model.save_pretrained(out / f"adapter{i}")
+        run_lora_converter(converter, out / f"adapter{i}", base, out / f"adapter{i}.gguf")
+        paths.append(out / f"adapter{i}.gguf")
+    return paths

@@ -221,3 +221,25 @@ def test_slots_show_progress_without_text(server: str) -> None:
     assert httpx.get(f"{server}/slots", params={"model": MODEL}, timeout=30).json()[0]["n_ctx"] == 1024
     missing = httpx.get(f"{server}/slots", params={"model": "nope"}, timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+
+
+def test_pool_gauges_report_the_estimates_and_the_budget() -> None:
+    """``pool_families`` as a source of ``Metrics``: each loaded model's estimated memory and the budget (fake
+    workers: the arithmetic only; the real server's figures are checked in tests/test_models_dir.py)."""
+    from edgellm.serve.metrics import pool_families
+    from tests.test_models_dir import fake_pool
+
+    async def run() -> None:
+        pool, _ = fake_pool({"a": 100, "b": 50}, budget_mb=400)
+        await pool.load_model("a")
+        await pool.load_model("b")
+        metrics = Metrics()
+        metrics.sources["models"] = lambda: pool_families(pool)
+        parsed = samples(metrics.render())
+        assert value(parsed, "edgellm:model_memory_bytes", model="a") == 100_000_000
+        assert value(parsed, "edgellm:model_memory_bytes", model="b") == 50_000_000
+        assert value(parsed, "edgellm:memory_budget_bytes") == 400_000_000
+        assert value(parsed, "edgellm:models_memory_bytes") == 150_000_000
+        await pool.close()
+
+    asyncio.run(run())

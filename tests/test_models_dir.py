@@ -5,6 +5,7 @@ a file dropped in at runtime, `keep_alive`, unknown names."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -16,6 +17,11 @@ import httpx
 import pytest
 
 from edgellm.paths import resolve_input
+from edgellm.serve.engine.base import EngineOverloadedError, EngineStats
+from edgellm.serve.engine.pool import Loaded, ModelPool, ModelTooLargeError, plan_evictions
+from edgellm.serve.engine.specs import ModelSpec
+from edgellm.serve.errors import to_api_error
+from edgellm.serve.sizing import MemoryEstimate, estimate_memory
 from tests.servers import running_server
 
 log = logging.getLogger(__name__)
@@ -219,3 +225,196 @@ def test_ollama_clients_see_and_load_folder_models(lru_server: tuple[str, Path])
         assert answer.done and answer.eval_count and answer.eval_count <= 4
         assert models(url)["gamma"] is True
         assert "gamma" in {m.model for m in client.ps().models}
+
+
+# --- the memory budget: eviction arithmetic on fake workers (no model loaded) ----------------------------------------
+MB = 1_000_000
+
+
+class FakeWorker:
+    """A loaded model as the pool sees it, without llama.cpp: busy while ``busy`` is set."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec, self.template, self.created = spec, None, 0
+        self.busy = False
+        self.closed = False
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self.spec.name, slots_total=1, slots_busy=int(self.busy), waiting=0)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def fake_pool(sizes_mb: dict[str, int], budget_mb: int | None, pinned: tuple[str, ...] = (),
+              max_loaded: int = 10) -> tuple[ModelPool, dict[str, FakeWorker]]:
+    """A pool over fake workers whose estimated sizes are ``sizes_mb`` (weights only), ``pinned`` loaded at start."""
+    specs = [ModelSpec(name=n, path=Path(f"/models/{n}.gguf"), n_ctx=512) for n in sizes_mb]
+    workers: dict[str, FakeWorker] = {}
+
+    def load(spec: ModelSpec) -> FakeWorker:
+        workers[spec.name] = FakeWorker(spec)
+        return workers[spec.name]
+
+    pool = ModelPool([s for s in specs if s.name in pinned], load)  # type: ignore[arg-type]
+    pool.serve_on_demand(lambda: specs, max_loaded=max_loaded, keep_alive=-1)
+    pool.configure_memory(lambda spec: MemoryEstimate(sizes_mb[spec.name] * MB, 0, 1),
+                          None if budget_mb is None else budget_mb * MB)
+    return pool, workers
+
+
+def loaded(pool: ModelPool) -> set[str]:
+    return {m.name for m in pool.models()}
+
+
+def test_plan_evictions_unloads_least_recently_used_idle_first() -> None:
+    a, b, c = Loaded("a", 100, False, 1.0), Loaded("b", 100, False, 2.0), Loaded("c", 100, False, 3.0)
+    assert plan_evictions([a, b, c], need=50, budget=400, max_loaded=4) == []
+    assert plan_evictions([c, b, a], need=150, budget=400, max_loaded=4) == ["a"]
+    assert plan_evictions([a, b, c], need=250, budget=400, max_loaded=4) == ["a", "b"]
+    assert plan_evictions([a, b, c], need=50, budget=None, max_loaded=2) == ["a", "b"]  # the count alone
+    busy_a = Loaded("a", 100, True, 1.0)
+    assert plan_evictions([busy_a, b, c], need=150, budget=400, max_loaded=4) == ["b"]
+    assert plan_evictions([busy_a, b, c], need=350, budget=400, max_loaded=4) is None  # a cannot go: no plan
+    pinned = Loaded("p", 300, False, 0.0, pinned=True)
+    assert plan_evictions([pinned, c], need=100, budget=400, max_loaded=1) == ["c"]  # pinned: never a victim
+    assert plan_evictions([pinned, c], need=150, budget=400, max_loaded=4) is None
+
+
+def test_loading_unloads_lru_idle_models_until_the_estimates_fit() -> None:
+    async def run() -> None:
+        pool, workers = fake_pool({"a": 100, "b": 100, "c": 100, "big": 200}, budget_mb=250)
+        await pool.load_model("a")
+        await pool.load_model("b")
+        assert loaded(pool) == {"a", "b"} and pool.loaded_memory() == {"a": 100 * MB, "b": 100 * MB}
+        await pool.load_model("c")  # 300 MB > 250: a, the least recently used, goes
+        assert loaded(pool) == {"b", "c"} and workers["a"].closed
+        await pool.load_model("b")  # used again: c is now the least recently used
+        await pool.load_model("a")
+        assert loaded(pool) == {"a", "b"}
+        await pool.load_model("big")  # 200 MB: both 100 MB models must go
+        assert loaded(pool) == {"big"}
+        await pool.close()
+
+    asyncio.run(run())
+
+
+def test_a_model_larger_than_the_budget_is_refused_by_name_and_sizes() -> None:
+    async def run() -> None:
+        pool, workers = fake_pool({"a": 100, "huge": 300}, budget_mb=250)
+        await pool.load_model("a")
+        with pytest.raises(ModelTooLargeError) as info:
+            await pool.load_model("huge")
+        assert "'huge'" in str(info.value) and "300 MB" in str(info.value) and "memory_budget is 250 MB" in str(
+            info.value)
+        assert loaded(pool) == {"a"} and not workers["a"].closed  # nothing was unloaded for nothing
+        assert to_api_error(info.value).status == 503
+        await pool.close()
+
+    asyncio.run(run())
+
+
+def test_models_loaded_at_start_count_toward_the_budget() -> None:
+    async def run() -> None:
+        pool, _ = fake_pool({"pinned": 150, "a": 80, "b": 120}, budget_mb=250, pinned=("pinned",))
+        await pool.load_model("a")  # 150 + 80 fits
+        with pytest.raises(ModelTooLargeError, match="150 MB of it taken by the models loaded at start"):
+            await pool.load_model("b")  # 150 + 120 never fits: pinned models are never unloaded
+        assert loaded(pool) == {"pinned", "a"}
+        await pool.close()
+
+    asyncio.run(run())
+
+
+def test_busy_models_make_it_503_with_retry_after_and_nothing_is_unloaded() -> None:
+    async def run() -> None:
+        pool, workers = fake_pool({"a": 100, "b": 100, "big": 200}, budget_mb=250)
+        await pool.load_model("a")
+        await pool.load_model("b")
+        workers["a"].busy = True  # serving a request: never unloaded
+        with pytest.raises(EngineOverloadedError, match="memory_budget") as info:
+            await pool.load_model("big")  # would need a and b gone
+        assert info.value.retry_after >= 1 and loaded(pool) == {"a", "b"} and not workers["b"].closed
+        workers["a"].busy = False
+        await pool.load_model("big")
+        assert loaded(pool) == {"big"}
+        await pool.close()
+
+    asyncio.run(run())
+
+
+def test_max_loaded_models_still_applies_with_a_budget() -> None:
+    async def run() -> None:
+        pool, _ = fake_pool({"a": 10, "b": 10, "c": 10}, budget_mb=1000, max_loaded=2)
+        for name in ("a", "b", "c"):
+            await pool.load_model(name)
+        assert loaded(pool) == {"b", "c"}
+        await pool.close()
+
+    asyncio.run(run())
+
+
+def test_a_models_own_keep_alive_overrides_the_servers_until_it_is_unloaded() -> None:
+    async def run() -> None:
+        pool, _ = fake_pool({"a": 10, "b": 10}, budget_mb=None)
+        await pool.load_model("a")
+        assert pool.keep_alive_of("a") == -1 and pool.expires_in("a") is None  # the server's: forever
+        pool.set_keep_alive("a", 600)
+        expires = pool.expires_in("a")
+        assert expires is not None and 0 < expires <= 600
+        pool.set_keep_alive("a", 0)  # unloaded by the reaper as soon as it is idle
+        deadline = time.monotonic() + 30
+        while pool.is_loaded("a") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not pool.is_loaded("a") and pool.keep_alive_of("a") == -1  # forgotten with the unload
+        await pool.load_model("b")
+        pool.set_keep_alive("b", 0)
+        pool.set_keep_alive("b", None)  # back to the server's
+        await asyncio.sleep(0.5)
+        assert pool.is_loaded("b")
+        await pool.close()
+
+    asyncio.run(run())
+
+
+def test_memory_budget_on_a_real_server(default_gguf: Path, tmp_path: Path) -> None:
+    """The real default GGUF under two names with a budget that holds one (about 110 MB each: the file and a 512-token
+    KV cache): loading the second unloads the first; a bigger GGUF that can never fit is a 503 naming the budget
+    and the sizes; /metrics reports the estimates and the budget, /api/ps the estimate as `size`."""
+    import ollama
+    from prometheus_client.parser import text_string_to_metric_families
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("alpha", "beta"):
+        (folder / f"{name}.gguf").symlink_to(default_gguf.resolve())
+    gemma = resolve_input(Path("models/gemma-3-270m-q4_k_m.gguf"))  # 253 MB file: never fits in 200 MB
+    if gemma.is_file():
+        (folder / "gemma.gguf").symlink_to(gemma.resolve())
+    each = estimate_memory(default_gguf, 512, 1).total
+    assert 100 * MB < each < 200 * MB < 2 * each
+    with running_server("--models-dir", str(folder), *COMMON, "--set", "memory_budget=200MB",
+                        "--set", "max_loaded_models=4", "--set", "keep_alive=-1") as url:
+        assert chat(url, "alpha").status_code == 200
+        assert chat(url, "beta").status_code == 200
+        listed = models(url)
+        assert listed["beta"] is True and listed["alpha"] is False  # the budget, not max_loaded_models, made room
+
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        parsed = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                  for f in text_string_to_metric_families(text) for s in f.samples}
+        assert parsed[("edgellm:memory_budget_bytes", ())] == 200 * MB
+        assert parsed[("edgellm:model_memory_bytes", (("model", "beta"),))] == each
+        assert ("edgellm:model_memory_bytes", (("model", "alpha"),)) not in parsed
+        assert parsed[("edgellm:models_memory_bytes", ())] == each
+
+        with ollama.Client(host=url) as client:
+            [running] = client.ps().models
+            assert running.model == "beta" and running.size == each and running.size_vram == 0
+
+        if gemma.is_file():
+            r = chat(url, "gemma")
+            assert r.status_code == 503, r.text
+            message = r.json()["error"]["message"]
+            assert "'gemma'" in message and "memory_budget is 200 MB" in message and "263 MB" in message, message
+            assert models(url)["beta"] is True  # nothing unloaded for a model that cannot fit

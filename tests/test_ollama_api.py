@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from edgellm.serve.routes.ollama_format import (
     check_keep_alive,
     check_options,
     parameter_size,
+    parse_keep_alive,
 )
 from tests.servers import running_server
 from tests.test_embeddings import default_embedder_gguf
@@ -301,15 +304,103 @@ def test_the_api_key_is_required(server: str) -> None:
         wrong.close()
 
 
+# --- keep_alive on models served on demand (--models-dir) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def on_demand(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("ollama-on-demand")
+    for name in ("alpha", "beta"):
+        (folder / f"{name}.gguf").symlink_to(default_gguf.resolve())
+    with running_server("--models-dir", str(folder), "--no-reranker", "--no-embedder", "--set", "slots=1",
+                        "--set", "model_defaults.n_ctx=512", "--set", "keep_alive=-1",
+                        "--set", "max_loaded_models=2") as url:
+        yield url
+
+
+def _running(client: ollama.Client) -> dict[str, Any]:
+    return {m.model: m for m in client.ps().models}
+
+
+def _wait_unloaded(client: ollama.Client, name: str) -> None:
+    deadline = time.monotonic() + 30
+    while name in _running(client) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert name not in _running(client)
+
+
+def test_keep_alive_sets_the_expiry_of_a_model_served_on_demand(on_demand: str) -> None:
+    with ollama.Client(host=on_demand, timeout=300) as client:
+        assert _running(client) == {}
+        loaded = client.generate(model="alpha")  # nothing to say: Ollama loads the model
+        assert loaded.done and loaded.done_reason == "load" and loaded.load_duration and loaded.load_duration > 0
+        alpha = _running(client)["alpha"]
+        assert alpha.expires_at is not None and alpha.expires_at.year > 2200  # the server's keep_alive: forever
+        assert alpha.size is not None and alpha.size > 98_000_000  # the file and its KV cache (an estimate)
+        assert alpha.size_vram == 0 and alpha.context_length == 512
+
+        answer = client.generate(model="alpha", prompt="Hi", keep_alive="5m", options={"num_predict": 2})
+        assert answer.done and answer.load_duration == 0  # loaded already
+        expires = _running(client)["alpha"].expires_at
+        assert expires is not None
+        left = (expires - datetime.now(UTC)).total_seconds()
+        assert 60 < left <= 301, left  # about 5 minutes from the end of the request
+
+        answer = client.generate(model="alpha", prompt="Hi", options={"num_predict": 2})  # absent: the server's again
+        assert _running(client)["alpha"].expires_at.year > 2200  # type: ignore[union-attr]
+
+        chat = client.chat(model="alpha", messages=[{"role": "user", "content": "Hi"}], keep_alive=0,
+                           options={"num_predict": 4})
+        assert chat.done and chat.message.content is not None
+        _wait_unloaded(client, "alpha")  # unloaded once the request was done
+
+        cold = client.chat(model="alpha", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 2})
+        assert cold.load_duration is not None and cold.load_duration > 0  # this request loaded it
+        assert "alpha" in _running(client)
+
+
+def test_generate_with_keep_alive_0_and_no_prompt_unloads(on_demand: str) -> None:
+    with ollama.Client(host=on_demand, timeout=300) as client:
+        assert client.generate(model="beta", keep_alive="10m").done_reason == "load"
+        assert "beta" in _running(client)
+        unloaded = client.generate(model="beta", keep_alive=0)
+        assert unloaded.done and unloaded.done_reason == "unload" and unloaded.response == ""
+        assert "beta" not in _running(client)  # idle: unloaded before the answer
+        again = client.generate(model="beta", keep_alive=0)  # not loaded: nothing to do, and it stays so
+        assert again.done_reason == "unload" and "beta" not in _running(client)
+        r = httpx.get(f"{on_demand}/v1/models", timeout=30).json()
+        assert {m["id"]: m["meta"]["loaded"] for m in r["data"]}["beta"] is False
+
+
+def test_a_bad_keep_alive_is_a_400_naming_it(on_demand: str) -> None:
+    with ollama.Client(host=on_demand, timeout=60) as client:
+        e = _status(lambda: client.generate(model="alpha", prompt="hi", keep_alive="forever"))
+        assert e.status_code == 400 and "'keep_alive'" in e.error and "5m" in e.error
+
+
 # --- the request logic, without a server ---------------------------------------------------------------------------
-@pytest.mark.parametrize("value", [None, -1, -1.5, "-1", "-1m", "-5m30s", "-0.5h"])
-def test_keep_alive_meaning_keep_loaded_is_accepted(value: Any) -> None:
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(None, None), (-1, -1.0), (-1.5, -1.0), ("-1", -1.0), ("-1m", -1.0), ("-5m30s", -1.0), ("-0.5h", -1.0),
+     (0, 0.0), ("0", 0.0), (300, 300.0), ("300", 300.0), ("5m", 300.0), ("30s", 30.0), ("1h", 3600.0),
+     ("1h30m", 5400.0), ("500ms", 0.5), (2.5, 2.5)],
+)
+def test_keep_alive_is_read_as_ollama_reads_it(value: Any, seconds: float | None) -> None:
+    assert parse_keep_alive(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["forever", "-", "-5 minutes", "", "5 m", "m"])
+def test_a_keep_alive_that_is_not_a_duration_is_refused(value: Any) -> None:
+    with pytest.raises(APIError, match="'keep_alive'"):
+        parse_keep_alive(value)
+
+
+@pytest.mark.parametrize("value", [None, -1, "-1m"])
+def test_a_model_loaded_at_start_accepts_only_forever(value: Any) -> None:
     check_keep_alive(value)
 
 
-@pytest.mark.parametrize("value", [0, 300, "0", "5m", "1h", "forever", "-", "-5 minutes"])
-def test_keep_alive_otherwise_is_refused(value: Any) -> None:
-    with pytest.raises(APIError, match="'keep_alive'"):
+@pytest.mark.parametrize("value", [0, 300, "5m"])
+def test_a_model_loaded_at_start_refuses_an_expiry(value: Any) -> None:
+    with pytest.raises(APIError, match="'keep_alive'.*loaded at start"):
         check_keep_alive(value)
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from edgellm.config import load_config
 from edgellm.errors import ConfigError
+from edgellm.manifest import PersonaProfile
 
 ENV_PREFIX = "EDGELLM_TRAIN"
 
@@ -35,6 +36,14 @@ class EvalSettings(_Strict):
     batch_size: int = Field(default=8, gt=0)
 
 
+class PersonaSpec(PersonaProfile):
+    """A dataset's ``persona:`` block: how its adapter is served as a persona (system prompt, limits, forbidden
+    phrases, routing triggers and description). Kept in the run's config.yaml; `edgellm convert --lora` copies it
+    into adapters.json, and `edgellm serve --personas <folder>` serves it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class DatasetSpec(_Strict):
     name: str = Field(
         pattern=r"^[A-Za-z0-9_.-]+$", description="adapter name; a folder under the run when several"
@@ -43,6 +52,8 @@ class DatasetSpec(_Strict):
     # This dataset's behaviour check (a persona's own prompts and behaviour): the keys set here replace the recipe's
     # `eval` keys for this adapter.
     eval: EvalSettings | None = None
+    # How the adapter is served as a persona (travels to the adapter manifest); not part of training.
+    persona: PersonaSpec | None = None
 
 
 class DataSettings(_Strict):

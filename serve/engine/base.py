@@ -90,7 +90,8 @@ class SamplingParams:
 
     ``logprobs``: None, or report each sampled token's log-probability and its ``logprobs`` likeliest alternatives
     (0: none), from the model's distribution before sampling (the raw logits' log-softmax, as llama-server).
-    ``logit_bias``: ``(token id, bias)`` pairs added to the logits before sampling (``-inf``: banned)."""
+    ``logit_bias``: ``(token id, bias)`` pairs added to the logits before sampling (``-inf``: banned).
+    ``max_words`` and ``forbidden_phrases`` are set by a persona (``serve/personas.py``), not by clients."""
 
     max_tokens: int = 256
     temperature: float = 0.8
@@ -107,6 +108,8 @@ class SamplingParams:
     preserved_tokens: frozenset[int] = frozenset()
     logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    max_words: int | None = None  # a persona's cap: the answer stops at a word boundary (finish_reason "length")
+    forbidden_phrases: tuple[str, ...] = ()  # a persona's filter: removed from the answer as it streams
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,9 @@ class GenerationRequest:
     "parameters"}}``); with ``tool_choice`` ``auto`` the model may answer or call tools, ``required`` or a
     ``NamedTool`` make the answer calls (several only with ``parallel_tool_calls``), ``none`` never calls. Calls
     come back as ``ToolCallDelta`` events and ``Finished.finish_reason == "tool_calls"``.
-    ``n``: choices to generate from the one prompt (evaluated once); choice ``i`` samples with seed ``seed + i``."""
+    ``n``: choices to generate from the one prompt (evaluated once); choice ``i`` samples with seed ``seed + i``.
+    ``lora``: which of the model's LoRA adapters (``ModelSpec.loras``, by index) apply, at what scale (llama-server's
+    per-request ``lora``); requests with different adapter sets are decoded in separate batches."""
 
     model: str
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -154,6 +159,7 @@ class GenerationRequest:
     json_schema: Any = None
     grammar: str | None = None
     n: int = 1
+    lora: tuple[tuple[int, float], ...] = ()  # (adapter id, scale): the model's LoRA adapters applied (batched engine)
 
 
 @dataclass(frozen=True)
@@ -184,9 +190,14 @@ class Timings:
     predicted_n: int
     predicted_ms: float
     cache_n: int = 0
+    draft_n: int = 0  # tokens drafted (speculative decoding), and how many of them were accepted
+    draft_n_accepted: int = 0
 
     def as_dict(self) -> dict[str, float | int]:
-        return {
+        extra: dict[str, float | int] = (
+            {"draft_n": self.draft_n, "draft_n_accepted": self.draft_n_accepted} if self.draft_n else {}
+        )
+        return extra | {
             "cache_n": self.cache_n,
             "prompt_n": self.prompt_n,
             "prompt_ms": round(self.prompt_ms, 3),
@@ -253,6 +264,8 @@ class EngineStats:
     busy_slots_per_decode: float | None = None  # sequences per llama_decode call, on average
     kv_tokens: int | None = None  # tokens whose KV the slots hold
     kv_capacity: int | None = None
+    draft_n: int | None = None  # speculative decoding: draft tokens verified, and accepted, so far
+    draft_n_accepted: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""One step's ``llama_batch``: the last sampled token of every generating sequence, then prompt tokens of the
-sequences still reading their prompt.
+"""One step's ``llama_batch``: the last sampled token of every generating sequence (followed by its drafted tokens,
+``Slot.drafting.draft``, each row with logits: ``speculative.py``), then prompt tokens of the sequences still
+reading their prompt. Drafts are chosen before the batch is built, within ``n_batch``; prompts take what is left.
 
 Prompts are read oldest request first: a whole ``n_batch`` when nobody is generating, at most ``prompt_chunk``
 otherwise, so a long prompt slows the other streams down instead of freezing them. A step starts the next prompt
@@ -22,8 +23,9 @@ from edgellm.serve.engine.slots import Slot
 
 @dataclass
 class Step:
-    """What one batch holds: the generating slots (one token each) and the prompt tokens taken from each reading
-    slot. Each slot with logits in the batch has its ``out_index`` set."""
+    """What one batch holds: the generating slots (one token each, plus their drafts) and the prompt tokens taken
+    from each reading slot. Each slot with logits in the batch has its ``out_index`` set (a drafting slot: the row
+    of ``next_token``; ``drafting.rows`` lists it and its draft's rows)."""
 
     generating: list[Slot]
     reading: list[tuple[Slot, int]]
@@ -55,20 +57,31 @@ class BatchBuilder:
         self.prompt_min_batch = max(1, prompt_min_batch)
         self.batch: Any = ll.llama_batch_init(n_batch, 0, 1)
 
+    @staticmethod
+    def generating(active: list[Slot]) -> list[Slot]:
+        """The slots that put their next token in the batch (followers wait for their leader's prompt)."""
+        return [s for s in active if not s.pending and s.leader is None]
+
     def build(self, active: list[Slot]) -> Step:
         """Fill the batch from the active slots (in their order); sets ``batch.n_tokens``."""
         batch = self.batch
         tok, pos, nseq, seq, out = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
         n = 0
-        generating = [s for s in active if not s.pending and s.leader is None]  # followers wait for the prompt
+        generating = self.generating(active)
         for s in generating:
-            tok[n] = s.next_token
-            pos[n] = len(s.cache)
-            nseq[n] = 1
-            seq[n][0] = s.seq_id
-            out[n] = 1
             s.out_index = n
-            n += 1
+            draft = s.drafting.draft if s.drafting is not None else ()
+            p0 = len(s.cache)
+            sid = s.seq_id
+            for i, t in enumerate((s.next_token, *draft)):
+                tok[n] = t
+                pos[n] = p0 + i
+                nseq[n] = 1
+                seq[n][0] = sid
+                out[n] = 1
+                n += 1
+            if s.drafting is not None:
+                s.drafting.rows = list(range(s.out_index, n))
         budget = self.n_batch - n
         if n:
             budget = min(budget, self.prompt_chunk)

@@ -17,6 +17,27 @@ sampler chains. This module composes the pieces; each lives in a module of its o
 4. runs one ``llama_decode``, samples each sequence that has an output with its own sampler chain, detokenizes
    incrementally and emits the text (with the tokens' logprobs, for the requests that asked: ``logprobs.py``).
 
+**Speculative decoding from the context** (``speculative.py``, on unless ``draft=False``): before the batch is
+built, each generating slot may draft up to ``draft_n_max`` tokens copied from its prompt and output (n-gram
+lookup, with a per-slot adaptive length). They ride in the batch after its ``next_token``, each row with logits;
+``_sample`` then samples the rows in order with the request's own chain and emits each token through ``_on_token``
+(stop strings, ``max_tokens``, end of generation, logprobs and persona filters end the request exactly where step
+by step decoding would), stopping at the first token that differs from the draft; the KV of the rows after it is
+removed (``SlotTable.truncate``) so ``slot.cache`` holds accepted tokens only. Greedy output is the same as without
+drafts (up to llama.cpp's batch-shape rounding at near ties); sampled requests keep their distribution (a
+point-mass draft accepted exactly when the sampler drew it). **Jump-forward under grammars** (``jump_forward``, off
+by default): the text a grammar forces is learned per grammar and proposed as a draft, verified the same way, so a
+run of forced tokens is appended in one batch and the output equals step-by-step constrained decoding. ``Timings.draft_n`` /
+``draft_n_accepted`` report it per response; ``EngineStats`` totals it for /metrics.
+
+LoRA adapters (``ModelSpec.loras``, chosen per request by ``GenerationRequest.lora``): llama.cpp applies one adapter
+set to a whole batch, so a step decodes one batch per adapter set among the active slots, starting with the set
+already applied (switching costs a graph reservation: each step switches at most once per extra set). Requests on
+one set batch together as before; a slot's KV counts for prefix reuse only under the set it was computed with.
+
+A persona's ``max_words`` and ``forbidden_phrases`` filter each choice's text after the stop strings
+(``textfilters.py``).
+
 A request with ``n`` choices waits until ``n`` slots are free and takes them together: one reads the prompt, the
 others get a copy of its KV and sample from its logits (``SlotTable.fork``), each with its own sampler chain.
 
@@ -59,11 +80,13 @@ from edgellm.serve.engine.context import LlamaContext
 from edgellm.serve.engine.detok import Detokenizer, StopMatcher
 from edgellm.serve.engine.grammar import GrammarCache
 from edgellm.serve.engine.logprobs import LogprobQueue, token_logprob
+from edgellm.serve.engine.persona_filters import TextFilters
 from edgellm.serve.engine.pool import Job, ModelPool
 from edgellm.serve.engine.sampling import Candidates, CompiledGrammars, SamplerChain
 from edgellm.serve.engine.scheduler import Scheduler
-from edgellm.serve.engine.slots import Slot, SlotTable, copy_threshold
+from edgellm.serve.engine.slots import LoraKey, Slot, SlotTable, copy_threshold, lora_key
 from edgellm.serve.engine.specs import ModelSpec
+from edgellm.serve.engine.speculative import Speculator
 from edgellm.serve.engine.structured import StructuredOutput, needs_plan
 
 log = logging.getLogger(__name__)
@@ -91,6 +114,11 @@ class BatchedModel:
         kv_unified: bool = False,
         flash_attn: bool | None = None,
         grammar_cache: GrammarCache | None = None,
+        draft: bool = True,
+        draft_n_max: int = 8,
+        draft_ngram_max: int = 4,
+        draft_ngram_min: int = 2,
+        jump_forward: bool = False,
     ) -> None:
         self.spec = spec
         self.slots_n = slots
@@ -116,6 +144,9 @@ class BatchedModel:
             else copy_threshold(spec.n_ctx, self.llama.kv_bytes_per_token(), self.llama.n_params())
         )
         self._slots = SlotTable(slots, self.llama, copy_min)
+        self._speculator = self._make_speculator(draft, draft_n_max, draft_ngram_max, draft_ngram_min, jump_forward)
+        self.n_drafted = 0  # draft tokens verified, and accepted (for /metrics)
+        self.n_draft_accepted = 0
         self.created = int(time.time())
 
         self._waiting: deque[Job] = deque()
@@ -124,6 +155,9 @@ class BatchedModel:
         self._service_s = 2.0  # moving average of a request's time in a slot, for Retry-After
         self._scheduler = scheduler or Scheduler()
         self._cond = self._scheduler.cond  # guards _waiting and closing
+        self._slot_limit = slots  # set_limits: slots new requests may fill (running ones keep theirs)
+        self._threads = spec.threads()
+        self._want_threads: int | None = None  # applied by the scheduler thread before its next decode
         self.n_decode = 0  # llama_decode calls, and the sequences they carried (for /metrics)
         self.n_decoded_seqs = 0
         self._scheduler.attach(self)
@@ -131,6 +165,16 @@ class BatchedModel:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def _make_speculator(
+        self, draft: bool, n_max: int, ngram_max: int, ngram_min: int, jump_forward: bool
+    ) -> Speculator | None:
+        if not draft:
+            return None
+        if not self.llama.can_truncate():
+            log.info("%s: no speculative decoding (its KV cannot drop rejected draft tokens)", self.spec.name)
+            return None
+        return Speculator(n_max, ngram_max, ngram_min, jump_forward)
 
     # -- request side (event loop, or any thread) ---------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -168,6 +212,8 @@ class BatchedModel:
             busy_slots_per_decode=self.n_decoded_seqs / self.n_decode if self.n_decode else 0.0,
             kv_tokens=sum(len(s.cache) for s in slots),
             kv_capacity=len(slots) * self.spec.n_ctx,
+            draft_n=self.n_drafted,
+            draft_n_accepted=self.n_draft_accepted,
         )
 
     def slot_info(self) -> list[SlotInfo]:
@@ -185,6 +231,20 @@ class BatchedModel:
             )
             for s in list(self._slots.slots)
         ]
+
+    def set_limits(self, threads: int | None = None, slots: int | None = None) -> None:
+        """Throttle (or restore): decode with ``threads`` threads and admit new requests into at most ``slots``
+        slots; None restores the configured value. Running requests keep their slots; the thread count changes
+        before the next decode. Any thread."""
+        with self._cond:
+            self._slot_limit = max(1, min(self.slots_n, slots or self.slots_n))
+            self._want_threads = max(1, threads or self.spec.threads())
+            self._cond.notify()
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        """(threads, slots) in use now."""
+        return self._threads, self._slot_limit
 
     def close(self) -> None:
         """Stop serving: running and waiting requests fail with 503; the context is freed once the scheduler let go."""
@@ -212,12 +272,18 @@ class BatchedModel:
                 continue
             if self._slots.n_free() < job.n:
                 return
+            if self._slots.active and len(self._slots.active) + job.n > self._slot_limit:
+                return  # throttled (set_limits); a request larger than the limit runs alone
             self._waiting.popleft()
             self._admitted.append([self._slots.assign(job) for _ in range(job.n)])
 
     def step(self) -> None:
         """One step of this model: set up the admitted requests, drop the cancelled ones, decode and sample."""
         admitted, self._admitted = self._admitted, []
+        want, self._want_threads = self._want_threads, None
+        if want is not None and want != self._threads:
+            self.llama.set_threads(want)
+            self._threads = want
         for group in admitted:
             try:
                 self._start(group)
@@ -252,22 +318,28 @@ class BatchedModel:
         assert job is not None
         tokens = job.tokens
         t_start = time.perf_counter()
-        keep = self._slots.reuse_prefix(leader, tokens)
+        key = lora_key(job.lora)
+        keep = self._slots.reuse_prefix(leader, tokens, key)
         for i, slot in enumerate(group):
             slot.t_start = t_start
             slot.choice = i
-            slot.chain = self._sampler_chain(job.choice_params(i))
+            params = job.choice_params(i)
+            slot.chain = self._sampler_chain(params)
             slot.chain.accept_prompt(tokens)
             slot.detok = Detokenizer(self.llama.pieces)
             slot.stop = StopMatcher(job.params.stop)
+            slot.filters = TextFilters.for_params(job.params.max_words, job.params.forbidden_phrases)
             slot.logprobs = LogprobQueue() if job.params.logprobs is not None else None
             slot.max_tokens = job.params.max_tokens
             slot.n_decoded = 0
             slot.next_token = -1
             slot.out_index = -1
             slot.n_cached = slot.n_evaluated = 0
+            speculator = self._speculator
+            slot.drafting = speculator.start(len(tokens), params.grammar) if speculator is not None else None
             if i:
                 self._slots.forget(slot)
+                slot.kv_key = key
                 slot.pending = []
                 slot.leader = leader
         leader.pending = tokens[keep:]
@@ -326,11 +398,29 @@ class BatchedModel:
                 self._slots.release(slot)
 
     def _decode(self) -> None:
-        """Decode one batch of every active slot, then sample the slots that have logits in it."""
-        step = self._batch.build(self._slots.active)
+        """Decode every active slot: one batch per LoRA adapter set, the set applied now first."""
+        groups: dict[LoraKey, list[Slot]] = {}
+        for s in self._slots.active:
+            groups.setdefault(s.kv_key, []).append(s)
+        if len(groups) == 1:
+            key, slots = next(iter(groups.items()))
+            self.llama.set_adapters(key)
+            self._decode_batch(slots)
+            return
+        current = self.llama.lora_key
+        for key in sorted(groups, key=lambda k: k != current):
+            self.llama.set_adapters(key)
+            self._decode_batch(groups[key])
+
+    def _decode_batch(self, slots: list[Slot]) -> None:
+        """Decode one batch of these slots (one adapter set), then sample the slots that have logits in it."""
+        self._propose(slots)
+        step = self._batch.build(slots)
+        if not step.n_tokens:
+            return
         self.llama.decode(self._batch.batch)
         self.n_decode += 1
-        self.n_decoded_seqs += len(self._slots.active)
+        self.n_decoded_seqs += len(slots)
         ctx = self.llama.ctx
         sampled = step.commit()
         for leader in [s for s in sampled if s.followers]:  # read its prompt: its choices start from its KV
@@ -339,15 +429,59 @@ class BatchedModel:
                 sampled.append(f)
             leader.followers = []
         for s in sampled:
-            if s.job is None:  # its request ended while an earlier choice was sampled
+            if s.job is None:  # its request ended while an earlier choice was sampled: drop any draft rows
+                self._slots.truncate(s, len(s.cache))
                 continue
-            assert s.chain is not None
+            self._sample(s, ctx)
+
+    def _propose(self, slots: list[Slot]) -> None:
+        """Choose each generating slot's draft for this step: within the batch (drafts come before prompt chunks),
+        the tokens left (``max_tokens``) and the context left."""
+        speculator = self._speculator
+        if speculator is None:
+            return
+        generating = self._batch.generating(slots)
+        room = self._batch.n_batch - len(generating)
+        n_ctx = self.spec.n_ctx
+        for s in generating:
+            if s.drafting is not None:
+                limit = min(room, s.max_tokens - s.n_decoded - 1, n_ctx - len(s.cache) - 2)
+                room -= len(speculator.propose(s.drafting, s.cache, s.next_token, limit))
+
+    def _sample(self, s: Slot, ctx: object) -> None:
+        """Sample a slot's rows in order (``next_token``'s, then each drafted token's) with its own chain, emitting
+        each token through ``_on_token``, while the sampled token equals the draft and the request goes on. Then the
+        accepted draft tokens join ``slot.cache`` and the KV of the rejected rows is removed."""
+        assert s.chain is not None
+        sd = s.drafting
+        draft = sd.draft if sd is not None else []
+        rows = sd.rows if sd is not None and draft else [s.out_index]
+        emitted: list[int] = []
+        for i, row in enumerate(rows):
+            s.out_index = row  # logprobs read the row the token was sampled from
             try:
-                token = s.chain.sample(ctx, s.out_index, s.max_tokens - s.n_decoded)
+                token = s.chain.sample(ctx, row, s.max_tokens - s.n_decoded)
             except InvalidRequestError as e:  # a grammar with no way forward: this request ends, the others go on
                 self._abort(s, e)
-                continue
+                return
+            emitted.append(token)
+            matched = i < len(draft) and token == draft[i]
+            if matched:
+                assert sd is not None
+                sd.n_accepted += 1
             self._on_token(s, token)
+            if not matched or s.job is None:
+                break
+        if sd is None:
+            return
+        accepted = sd.settle(emitted)
+        self.n_drafted += len(draft)
+        self.n_draft_accepted += accepted
+        s.cache.extend(draft[:accepted])
+        if accepted < len(draft):
+            self._slots.truncate(s, len(s.cache))
+        if s.job is None and self._speculator is not None:
+            self._speculator.finish(sd)
 
     def _on_token(self, s: Slot, token: int) -> None:
         if s.n_decoded == 0:
@@ -365,8 +499,14 @@ class BatchedModel:
             self._on_token_logprobs(s, token, text)
             return
         text, stopped = s.stop.push(text)
+        capped = False
+        if s.filters is not None:
+            text, capped = s.filters.push(text, final=stopped)
         if text:
             job.emit(TextDelta(text, s.choice))
+        if capped:
+            self._finish(s, "length", flushed=True)
+            return
         self._go_on(s, token, stopped)
 
     def _on_token_logprobs(self, s: Slot, token: int, text: str) -> None:
@@ -384,19 +524,23 @@ class BatchedModel:
 
     def _go_on(self, s: Slot, token: int, stopped: bool) -> None:
         if stopped:
-            self._finish(s, "stop", stopped_by_string=True)
+            self._finish(s, "stop", flushed=True)
         elif s.n_decoded >= s.max_tokens:
             self._finish(s, "length")
         else:
             s.next_token = token
 
-    def _finish(self, s: Slot, reason: FinishReason, stopped_by_string: bool = False) -> None:
+    def _finish(self, s: Slot, reason: FinishReason, flushed: bool = False) -> None:
+        """End a slot's request; ``flushed``: its text is all out (a stop string or a word cap ended it)."""
         job = s.job
         assert job is not None and s.detok is not None and s.stop is not None
-        if not stopped_by_string:
+        if not flushed:
             text, stopped = s.stop.push(s.detok.flush())
             if not stopped:
                 text += s.stop.flush()
+            if s.filters is not None:
+                text, capped = s.filters.push(text, final=True)
+                reason = "length" if capped else reason
             logprobs = s.logprobs.take_all() if s.logprobs is not None and not stopped else ()
             if text or logprobs:
                 job.emit(TextDelta(text, s.choice, logprobs))
@@ -412,6 +556,8 @@ class BatchedModel:
                     predicted_n=s.n_decoded,
                     predicted_ms=(now - s.t_first) * 1000,
                     cache_n=s.n_cached,
+                    draft_n=s.drafting.n_drafted if s.drafting is not None else 0,
+                    draft_n_accepted=s.drafting.n_accepted if s.drafting is not None else 0,
                 ),
                 choice=s.choice,
             ),
@@ -441,6 +587,11 @@ class BatchedEngine(ModelPool):
         prompt_chunk: int = 128,
         kv_unified: bool = False,
         flash_attn: bool | None = None,
+        draft: bool = True,
+        draft_n_max: int = 8,
+        draft_ngram_max: int = 4,
+        draft_ngram_min: int = 2,
+        jump_forward: bool = False,
     ) -> None:
         scheduler = Scheduler()
         self.grammar_cache = GrammarCache()
@@ -457,6 +608,11 @@ class BatchedEngine(ModelPool):
                 kv_unified=kv_unified,
                 flash_attn=flash_attn,
                 grammar_cache=self.grammar_cache,
+                draft=draft,
+                draft_n_max=draft_n_max,
+                draft_ngram_max=draft_ngram_max,
+                draft_ngram_min=draft_ngram_min,
+                jump_forward=jump_forward,
             )
             self._batched[spec.name] = model
             return model
@@ -468,7 +624,7 @@ class BatchedEngine(ModelPool):
         event loop (schema conversion and grammar parsing), and may raise ``InvalidRequestError``."""
         self._model(request.model)  # UnknownModelError before anything else
         model = self._batched[request.model]
-        check_request(request, model.slots_n, model.llama.n_vocab)
+        check_request(request, model.slots_n, model.llama.n_vocab, model.llama.n_loras)
         if not needs_plan(request):
             return await super().submit_loaded(request)
         plan = await asyncio.to_thread(model.structured.plan, request)
@@ -479,8 +635,9 @@ class BatchedEngine(ModelPool):
         return plan.wrap(await super().submit_loaded(plan.request))
 
 
-def check_request(request: GenerationRequest, slots: int, n_vocab: int) -> None:
-    """What only the model can check: ``n`` against its slots, ``logit_bias`` ids against its vocabulary."""
+def check_request(request: GenerationRequest, slots: int, n_vocab: int, n_loras: int = 0) -> None:
+    """What only the model can check: ``n`` against its slots, ``logit_bias`` ids against its vocabulary, ``lora``
+    ids against its adapters; and what the engine cannot combine (logprobs with a persona's text filters)."""
     if request.n < 1 or request.n > slots:
         raise InvalidRequestError(
             f"{request.n} choices need as many slots; this model has {slots} (serve with more `slots`)", "n"
@@ -488,6 +645,21 @@ def check_request(request: GenerationRequest, slots: int, n_vocab: int) -> None:
     for token, _ in request.params.logit_bias:
         if not 0 <= token < n_vocab:
             raise InvalidRequestError(f"token id {token} is not in the vocabulary (0..{n_vocab - 1})", "logit_bias")
+    ids = [i for i, _ in request.lora]
+    for i, scale in request.lora:
+        if not 0 <= i < n_loras:
+            have = f"0..{n_loras - 1}" if n_loras else "none"
+            raise InvalidRequestError(f"LoRA adapter id {i} is not loaded with this model (ids: {have})", "lora")
+        if not math.isfinite(scale):
+            raise InvalidRequestError(f"LoRA adapter {i}: scale must be a finite number", "lora")
+    if len(set(ids)) != len(ids):
+        raise InvalidRequestError("each LoRA adapter id may appear once", "lora")
+    params = request.params
+    if params.logprobs is not None and (params.max_words is not None or params.forbidden_phrases):
+        raise InvalidRequestError(
+            "logprobs cannot be combined with a persona's max_words or forbidden_phrases (the text is rewritten)",
+            "logprobs",
+        )
 
 
 __all__ = ["BatchedEngine", "BatchedModel", "check_request", "retry_after"]

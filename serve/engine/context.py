@@ -9,6 +9,11 @@ stream of ``n_ctx`` cells, padded to 256), so a request that fits is never short
 attention sees only its own cells in position order: a greedy answer does not depend on what else is in the batch
 (with the unified cache it does; see the tests). ``kv_unified=True`` is llama-server's default (one shared buffer).
 Memory: the KV cache is ``n_seq`` times the serial engine's (SmolLM2-135M at n_ctx=4096, 4 slots: ~360 MiB f16).
+
+LoRA adapters (``ModelSpec.loras``) are loaded with the model, once (a few MB each beside the base weights), and
+applied at run time: ``set_adapters`` chooses the set (and scales) the next ``decode`` computes with. The set is the
+whole context's, so a batch holds the tokens of one adapter set only; changing it makes llama.cpp reserve its
+compute graph again at the next decode (a few ms on a CPU), which is why it is only called when the set changes.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class LlamaContext:
             self.model.close()
             raise RuntimeError(f"llama_init_from_model failed for {spec.path} (n_ctx={cparams.n_ctx})")
         self._memory = ll.llama_get_memory(self.ctx)
+        self._loras: list[Any] = []
+        self._lora_key: tuple[tuple[int, float], ...] = ()
 
         try:
             metadata = self.model.metadata()
@@ -70,6 +77,14 @@ class LlamaContext:
             is_eog = ll.llama_vocab_is_eog
             self.eog = frozenset(t for t in range(self.n_vocab) if is_eog(self.vocab, t))
             self.pieces = PieceTable(self.vocab, self.n_vocab)
+            for path in spec.loras:
+                adapter = ll.llama_adapter_lora_init(self.model.model, str(path).encode("utf-8"))
+                if not adapter:
+                    raise RuntimeError(
+                        f"llama.cpp could not load the LoRA adapter {path} on {spec.path} (not a GGUF LoRA made for "
+                        "this base? see `edgellm convert --lora`)"
+                    )
+                self._loras.append(adapter)
         except BaseException:
             self.close()
             raise
@@ -88,6 +103,35 @@ class LlamaContext:
     def n_params(self) -> int:
         return max(1, int(self._ll.llama_model_n_params(self.model.model)))
 
+    def set_threads(self, n: int) -> None:
+        """Threads for the next decodes (generation and prompt batches)."""
+        self._ll.llama_set_n_threads(self.ctx, n, n)
+
+    @property
+    def n_loras(self) -> int:
+        return len(self._loras)
+
+    @property
+    def lora_key(self) -> tuple[tuple[int, float], ...]:
+        """The adapter set the next decode applies."""
+        return self._lora_key
+
+    def set_adapters(self, key: tuple[tuple[int, float], ...]) -> None:
+        """Apply the adapters ``key`` names (``(index in spec.loras, scale)``, canonical: ``slots.lora_key``) to
+        the next decodes; () for the base alone."""
+        if key == self._lora_key:
+            return
+        import ctypes
+
+        ll = self._ll
+        if key:
+            adapters = (ll.llama_adapter_lora_p_ctypes * len(key))(*(self._loras[i] for i, _ in key))
+            scales = (ctypes.c_float * len(key))(*(s for _, s in key))
+            ll.llama_set_adapters_lora(self.ctx, adapters, len(key), scales)
+        else:
+            ll.llama_set_adapters_lora(self.ctx, None, 0, None)
+        self._lora_key = key
+
     def decode(self, batch: Any) -> None:
         rc = self._ll.llama_decode(self.ctx, batch)
         if rc != 0:
@@ -100,8 +144,17 @@ class LlamaContext:
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         self._ll.llama_memory_seq_cp(self._memory, src, dst, p0, p1)
 
+    def can_truncate(self) -> bool:
+        """Whether a sequence's KV can lose its last positions (rejected draft tokens): not in recurrent or hybrid
+        models, whose state is not per position (llama-server's ``common_context_can_seq_rm``)."""
+        m = self.model.model
+        return not (self._ll.llama_model_is_recurrent(m) or self._ll.llama_model_is_hybrid(m))
+
     def close(self) -> None:
         self._ll.llama_free(self.ctx)
+        for adapter in self._loras:
+            self._ll.llama_adapter_lora_free(adapter)
+        self._loras.clear()
         self.model.close()
 
 

@@ -6,7 +6,14 @@ On demand (``serve_on_demand``): besides the models loaded at start (kept loaded
 (a models folder, rescanned when asked for a name it does not know) whose models load on their first request (off
 the event loop; concurrent requests wait for the one load, at most ``load_timeout`` s, then 503 with Retry-After).
 At most ``max_loaded`` of them stay loaded (loading one more unloads the least recently used idle one; all busy:
-503), and one idle longer than ``keep_alive`` seconds is unloaded by a background task."""
+503), and one idle longer than ``keep_alive`` seconds (the server's, or the model's own set by ``set_keep_alive``:
+Ollama's per-request ``keep_alive``) is unloaded by a background task.
+
+Memory (``configure_memory``): every loaded model has an estimated size (its file plus its KV cache,
+``sizing.estimate_memory``); with a ``memory_budget``, loading a model first unloads least recently used idle
+on-demand models until the loaded estimates and the new one fit (``plan_evictions``). A model that cannot fit even
+with every on-demand model unloaded is refused (``ModelTooLargeError``, 503 naming the budget and the sizes); one
+that would fit once busy models are done gets 503 with Retry-After."""
 
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from edgellm.serve.engine.base import (
     ContextOverflowError,
@@ -39,7 +46,12 @@ from edgellm.serve.engine.prompt import ChatTemplate
 from edgellm.serve.engine.specs import ModelSpec
 from edgellm.serve.engine.stream import EventStream
 
+if TYPE_CHECKING:
+    from edgellm.serve.sizing import MemoryEstimate
+
 log = logging.getLogger(__name__)
+
+MB = 1_000_000
 
 
 @dataclass(eq=False)
@@ -52,6 +64,7 @@ class Job:
     stream: EventStream
     cancelled: threading.Event = field(default_factory=threading.Event)
     n: int = 1
+    lora: tuple[tuple[int, float], ...] = ()  # the adapter set its tokens are decoded with (batched engine)
 
     def emit(self, event: Event) -> None:
         """Send an event from a worker thread; if the request's event loop is gone, nobody listens: cancel it."""
@@ -111,6 +124,39 @@ class CatalogEntry:
     pinned: bool
 
 
+class ModelTooLargeError(EngineUnavailableError):
+    """A model whose estimated size does not fit in ``memory_budget`` even with every on-demand model unloaded."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A loaded model as eviction sees it: its estimated bytes, whether it may be unloaded now, when last used."""
+
+    name: str
+    bytes: int
+    busy: bool
+    last_used: float
+    pinned: bool = False
+
+
+def plan_evictions(loaded: list[Loaded], need: int, budget: int | None, max_loaded: int) -> list[str] | None:
+    """The models to unload, least recently used idle on-demand ones first, so that one more on-demand model of
+    ``need`` bytes fits both ``max_loaded`` (on-demand models) and ``budget`` (bytes of every loaded model; None: no
+    budget). ``[]``: it fits as things are; None: it would not fit even with every idle one unloaded."""
+    idle = sorted((m for m in loaded if not m.busy and not m.pinned), key=lambda m: m.last_used)
+    count = sum(not m.pinned for m in loaded)
+    used = sum(m.bytes for m in loaded)
+    victims: list[str] = []
+    for m in [None, *idle]:
+        if m is not None:
+            victims.append(m.name)
+            count -= 1
+            used -= m.bytes
+        if count < max_loaded and (budget is None or used + need <= budget):
+            return victims
+    return None
+
+
 def _worker_busy(worker: ModelWorker) -> bool:
     """Whether a worker has requests queued or running; read under its scheduling lock when it has one (a request
     moving from the queue into a slot is then never seen in neither)."""
@@ -139,6 +185,10 @@ class ModelPool:
         self._load_lock: asyncio.Lock | None = None  # made on the event loop, at the first load
         self._inflight: Counter[str] = Counter()  # requests between arrival and their model's queue
         self._last_used: dict[str, float] = {}
+        self._keep_alive_for: dict[str, float] = {}  # set_keep_alive: a model's own keep_alive (Ollama's)
+        self._estimate: Callable[[ModelSpec], MemoryEstimate] | None = None
+        self._estimates: dict[tuple[str, str, int], MemoryEstimate] = {}
+        self._budget: int | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
         try:
@@ -162,6 +212,84 @@ class ModelPool:
         self._keep_alive = keep_alive
         self._load_timeout = load_timeout
         self.rescan()
+
+    def configure_memory(self, estimate: Callable[[ModelSpec], MemoryEstimate], budget: int | None = None) -> None:
+        """Estimate each model's RAM with ``estimate`` (blocking; once per spec) and, with a ``budget`` in bytes,
+        keep the loaded estimates within it by unloading idle on-demand models (see the module). Blocking: estimates
+        the models loaded at start."""
+        self._estimate, self._budget = estimate, budget
+        for worker in list(self._models.values()):
+            self.memory_estimate(worker.spec)
+        if budget is not None:
+            pinned = sum(self._bytes(n) for n in self._models)
+            log.info("memory_budget %.0f MB; the models loaded at start take about %.0f MB of it", budget / MB,
+                     pinned / MB)
+            if pinned > budget:
+                log.warning("the models loaded at start (about %.0f MB) exceed memory_budget (%.0f MB): no model "
+                            "from models_dir can be loaded", pinned / MB, budget / MB)
+
+    @property
+    def memory_budget(self) -> int | None:
+        return self._budget
+
+    def memory_estimate(self, spec: ModelSpec) -> MemoryEstimate | None:
+        """``spec``'s estimated RAM once loaded (None without ``configure_memory``). Blocking the first time."""
+        if self._estimate is None:
+            return None
+        key = (spec.name, str(spec.path), spec.n_ctx)
+        est = self._estimates.get(key)
+        if est is None:
+            est = self._estimates[key] = self._estimate(spec)
+        return est
+
+    def loaded_memory(self) -> dict[str, int]:
+        """The estimated bytes of each loaded model whose estimate is known."""
+        out = {}
+        for name, worker in self._models.items():
+            est = self._estimates.get((name, str(worker.spec.path), worker.spec.n_ctx))
+            if est is not None:
+                out[name] = est.total
+        return out
+
+    def _bytes(self, name: str) -> int:
+        est = self.memory_estimate(self._models[name].spec)
+        return est.total if est is not None else 0
+
+    def spec_of(self, name: str) -> ModelSpec | None:
+        """Model ``name``'s spec: the loaded one, else the catalog's; None if unknown."""
+        m = self._models.get(name)
+        return m.spec if m is not None else self._specs.get(name)
+
+    def loaded_workers(self) -> list[ModelWorker]:
+        """The workers of the loaded models (a snapshot): for throttling."""
+        return list(self._models.values())
+
+    def set_keep_alive(self, name: str, seconds: float | None) -> None:
+        """Model ``name``'s own keep_alive (negative: forever; 0: unload as soon as it is idle), used instead of the
+        server's until it is unloaded; None: the server's again. Models loaded at start are never unloaded."""
+        if seconds is None:
+            self._keep_alive_for.pop(name, None)
+        else:
+            self._keep_alive_for[name] = seconds
+            self._start_reaper()
+
+    def keep_alive_of(self, name: str) -> float:
+        """Model ``name``'s keep_alive in seconds (negative: never unloaded for idleness)."""
+        if name in self._pinned:
+            return -1.0
+        return self._keep_alive_for.get(name, self._keep_alive)
+
+    def expires_in(self, name: str) -> float | None:
+        """Seconds until loaded model ``name`` is unloaded if no request comes (busy: counted from now); None: never."""
+        keep = self.keep_alive_of(name)
+        if keep < 0 or name not in self._models:
+            return None
+        if self.busy(name):
+            return keep
+        return max(0.0, self._last_used.get(name, time.monotonic()) + keep - time.monotonic())
+
+    def is_pinned(self, name: str) -> bool:
+        return name in self._pinned
 
     def rescan(self) -> None:
         """Refresh the catalog (models found since appear; a model whose file is gone stays while loaded)."""
@@ -257,7 +385,7 @@ class ModelPool:
                 return
             if self._closed:
                 raise EngineUnavailableError("the server is shutting down")
-            await self._make_room(spec.name)
+            await self._make_room(spec)
             started = time.monotonic()
             log.info("loading %s on demand from %s", spec.name, spec.path)
             try:
@@ -271,25 +399,55 @@ class ModelPool:
             self._models[spec.name] = worker
             self._last_used[spec.name] = time.monotonic()
             log.info("loaded %s in %.2f s", spec.name, time.monotonic() - started)
-        if self._keep_alive >= 0 and self._reaper is None:
+        self._start_reaper()
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None and not self._closed and self._catalog is not None:
             self._reaper = asyncio.create_task(self._reap_idle())
 
-    async def _make_room(self, name: str) -> None:
-        """Unload least recently used idle on-demand models until one more fits ``max_loaded``."""
-        while True:
-            on_demand = [n for n in self._models if n not in self._pinned]
-            if name in self._pinned or len(on_demand) < self._max_loaded:
-                return
-            idle = [n for n in on_demand if not self.busy(n)]
-            if not idle:
-                raise EngineOverloadedError(
-                    f"model {name!r} cannot be loaded: the {len(on_demand)} models loaded (max_loaded_models) are "
-                    "all serving requests; retry shortly",
-                    retry_after=5,
+    async def _make_room(self, spec: ModelSpec) -> None:
+        """Unload least recently used idle on-demand models until one more fits ``max_loaded`` and the memory
+        budget (``plan_evictions``, planned again after each unload: a model may have become busy meanwhile)."""
+        name = spec.name
+        if name in self._pinned:
+            return
+        try:
+            est = await asyncio.to_thread(self.memory_estimate, spec)  # kept: /metrics and /api/ps read it
+        except Exception as e:  # an unreadable header: the load itself says what is wrong with the file
+            log.warning("cannot estimate the memory of %s: %s", name, e)
+            est = None
+        need = est.total if est is not None else 0
+        if est is not None and self._budget is not None:
+            pinned = sum(self._bytes(n) for n in self._models if n in self._pinned)
+            if pinned + need > self._budget:
+                taken = f", {pinned / MB:.0f} MB of it taken by the models loaded at start" if pinned else ""
+                raise ModelTooLargeError(
+                    f"model {name!r} cannot be loaded: it needs about {need / MB:.0f} MB (file {est.weights_bytes / MB:.0f}"
+                    f" MB + KV cache {est.kv_bytes / MB:.0f} MB for n_ctx {spec.n_ctx}) and memory_budget is "
+                    f"{self._budget / MB:.0f} MB{taken}; raise memory_budget, or lower n_ctx (model_defaults.n_ctx) "
+                    "or slots"
                 )
-            victim = min(idle, key=lambda n: self._last_used.get(n, 0.0))
-            log.info("unloading %s (least recently used) to load %s", victim, name)
-            await self._unload_now(victim)
+        while True:
+            now = time.monotonic()
+            loaded = [
+                Loaded(n, self._bytes(n) if self._budget is not None else 0, self.busy(n),
+                       self._last_used.get(n, now), n in self._pinned)
+                for n in self._models
+            ]
+            victims = plan_evictions(loaded, need, self._budget, self._max_loaded)
+            if victims is None:
+                on_demand = sum(not m.pinned for m in loaded)
+                if on_demand >= self._max_loaded:
+                    why = f"the {on_demand} models loaded (max_loaded_models) are all serving requests"
+                else:
+                    used = sum(m.bytes for m in loaded)
+                    why = (f"it needs about {need / MB:.0f} MB and {used / MB:.0f} MB of memory_budget "
+                           f"{(self._budget or 0) / MB:.0f} MB are taken by models serving requests")
+                raise EngineOverloadedError(f"model {name!r} cannot be loaded now: {why}; retry shortly", retry_after=5)
+            if not victims:
+                return
+            log.info("unloading %s (least recently used) to load %s", victims[0], name)
+            await self._unload_now(victims[0])
 
     async def unload_model(self, name: str) -> bool:
         """Unload model ``name``: False if it was not loaded; ``UnknownModelError`` if unknown,
@@ -309,23 +467,30 @@ class ModelPool:
     async def _unload_now(self, name: str) -> None:
         worker = self._models.pop(name)  # from here on, requests for it load it anew
         self._last_used.pop(name, None)
+        self._keep_alive_for.pop(name, None)  # a model's own keep_alive lasts while it is loaded
         await asyncio.to_thread(worker.close)
         log.info("unloaded %s", name)
 
+    def _reap_period(self) -> float:
+        """A few checks per the shortest keep_alive of the loaded on-demand models (0.2 to 5 s)."""
+        keeps = [k for n in self._models if (k := self.keep_alive_of(n)) >= 0]
+        return min(5.0, max(0.2, min(keeps, default=20.0) / 4))
+
     async def _reap_idle(self) -> None:
-        """Unload on-demand models idle longer than ``keep_alive``, checking a few times per ``keep_alive``."""
-        period = min(5.0, max(0.2, self._keep_alive / 4))
+        """Unload on-demand models idle longer than their keep_alive, checking a few times per keep_alive."""
         while not self._closed:
-            await asyncio.sleep(period)
+            await asyncio.sleep(self._reap_period())
             now = time.monotonic()
             for name in [n for n in self._models if n not in self._pinned]:
+                keep = self.keep_alive_of(name)
                 if self.busy(name):
                     self._last_used[name] = now  # idle time counts from the end of its last request
-                elif now - self._last_used.get(name, now) > self._keep_alive:
-                    assert self._load_lock is not None
+                elif keep >= 0 and now - self._last_used.get(name, now) > keep:
+                    if self._load_lock is None:
+                        self._load_lock = asyncio.Lock()
                     async with self._load_lock:
                         if name in self._models and not self.busy(name):
-                            log.info("unloading %s: idle for more than keep_alive (%g s)", name, self._keep_alive)
+                            log.info("unloading %s: idle for more than keep_alive (%g s)", name, keep)
                             await self._unload_now(name)
 
     def stats(self) -> list[EngineStats]:
@@ -374,7 +539,7 @@ class ModelPool:
         if params.max_tokens > room:
             params = replace(params, max_tokens=room)
         stream = EventStream(asyncio.get_running_loop(), prompt_tokens=len(tokens), n_choices=request.n)
-        job = Job(tokens=tokens, params=params, stream=stream, n=request.n)
+        job = Job(tokens=tokens, params=params, stream=stream, n=request.n, lora=request.lora)
         stream.on_close(job.cancelled.set)
         model.enqueue(job)
         return stream

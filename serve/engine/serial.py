@@ -255,8 +255,11 @@ class SerialEngine(ModelPool):
                 "messages need the batched engine; serve with `--engine batched` (the default)",
                 field="engine",
             )
-        batched_only = [f for f, asked in (("n", request.n > 1), ("logprobs", request.params.logprobs is not None),
-                                           ("logit_bias", bool(request.params.logit_bias))) if asked]
+        params = request.params
+        batched_only = [f for f, asked in (("n", request.n > 1), ("logprobs", params.logprobs is not None),
+                                           ("logit_bias", bool(params.logit_bias)), ("lora", bool(request.lora)),
+                                           ("max_words", params.max_words is not None),
+                                           ("forbidden_phrases", bool(params.forbidden_phrases))) if asked]
         if batched_only:
             self._model(request.model)
             raise InvalidRequestError(

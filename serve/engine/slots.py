@@ -9,7 +9,9 @@ that prefix:
   the batch's order (llama.cpp decodes one ubatch per run of consecutive sequence ids with equal token counts);
 - **prefix copy**: if another slot holds a longer prefix (the same system prompt, another user), its KV is copied
   into the chosen slot instead of being recomputed, when that is cheaper (``copy_threshold``);
-- whatever the slot holds past the shared prefix is removed from its KV.
+- whatever the slot holds past the shared prefix is removed from its KV;
+- **LoRA adapters**: KV computed with one adapter set (``Job.lora``) is not the KV of another, so a slot's cache
+  counts (and is copied) only for requests with the same set (``Slot.kv_key``); otherwise it is dropped.
 
 The table also holds each slot's per-request state (pending prompt tokens, the sampled token, its sampler chain,
 detokenizer and stop matcher, counters for the timings); ``release`` frees a slot for the next request.
@@ -23,12 +25,16 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from edgellm.serve.engine.detok import Detokenizer, StopMatcher
 from edgellm.serve.engine.logprobs import LogprobQueue
 from edgellm.serve.engine.pool import Job
 from edgellm.serve.engine.sampling import SamplerChain
+
+if TYPE_CHECKING:
+    from edgellm.serve.engine.persona_filters import TextFilters
+    from edgellm.serve.engine.speculative import SlotDraft
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,18 @@ class KVMemory(Protocol):
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         """Copy positions ``[p0, p1)`` of sequence ``src`` into ``dst`` (-1, -1: all of it)."""
         ...
+
+
+LoraKey = tuple[tuple[int, float], ...]
+
+
+def lora_key(lora: LoraKey) -> LoraKey:
+    """A request's adapter set in one canonical form: by adapter id, zero scales dropped (llama.cpp ignores them)."""
+    return tuple(sorted((i, float(s)) for i, s in lora if s != 0.0))
+
+
+def _shared(slot: Slot, tokens: list[int], key: LoraKey) -> int:
+    return common_prefix(slot.cache, tokens) if slot.kv_key == key else 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -66,14 +84,17 @@ class Slot:
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
         self.cache: list[int] = []  # tokens whose K/V this sequence holds, at positions 0..len-1
+        self.kv_key: LoraKey = ()  # the LoRA adapter set that KV was computed with
         self.job: Job | None = None
         # the request being served
         self.pending: list[int] = []  # prompt tokens not evaluated yet
         self.next_token = -1  # sampled, to be evaluated at the next step
         self.out_index = -1  # batch index of this sequence's logits in the current step
+        self.drafting: SlotDraft | None = None  # speculative decoding state (None: this request does not draft)
         self.chain: SamplerChain | None = None
         self.detok: Detokenizer | None = None
         self.stop: StopMatcher | None = None
+        self.filters: TextFilters | None = None  # a persona's word cap and phrase filter
         self.logprobs: LogprobQueue | None = None  # only for a request that asked for logprobs
         self.choice = 0  # which of the request's n choices this slot generates
         self.leader: Slot | None = None  # a follower waiting for this slot to read the prompt
@@ -101,20 +122,25 @@ class SlotTable:
         return len(self.slots) - len(self.active)
 
     def assign(self, job: Job) -> Slot:
-        """Give ``job`` the free slot with the longest cached prefix of its prompt (ties: the lowest slot)."""
+        """Give ``job`` the free slot with the longest cached prefix of its prompt, computed with its adapter set
+        (ties: the lowest slot)."""
         free = [s for s in self.slots if s.job is None]
         if not free:
             raise RuntimeError("no free slot")  # callers check n_free() first
-        best = max(free, key=lambda s: (common_prefix(s.cache, job.tokens), -s.seq_id))
+        key = lora_key(job.lora)
+        best = max(free, key=lambda s: (_shared(s, job.tokens, key), -s.seq_id))
         best.job = job
         self.active.append(best)
         self.active.sort(key=lambda s: s.seq_id)
         return best
 
-    def reuse_prefix(self, slot: Slot, tokens: list[int]) -> int:
-        """Make ``slot``'s KV hold the longest cached prefix of ``tokens`` it can (its own, or copied from another
-        slot) and nothing past it; returns the number of tokens kept. At least one token is left to evaluate, for
-        its logits."""
+    def reuse_prefix(self, slot: Slot, tokens: list[int], key: LoraKey = ()) -> int:
+        """Make ``slot``'s KV hold the longest cached prefix of ``tokens`` computed with adapter set ``key`` it can
+        (its own, or copied from another slot) and nothing past it; returns the number of tokens kept. At least one
+        token is left to evaluate, for its logits."""
+        if slot.kv_key != key:
+            self.forget(slot)
+            slot.kv_key = key
         keep = min(common_prefix(slot.cache, tokens), len(tokens) - 1)
         copied = self._copy_prefix(slot, tokens, keep)
         if copied:
@@ -137,7 +163,7 @@ class SlotTable:
         best: Slot | None = None
         shared = 0
         for other in self.slots:
-            if other is slot or not other.cache:
+            if other is slot or not other.cache or other.kv_key != slot.kv_key:
                 continue
             n = common_prefix(other.cache, tokens)
             if n > shared:
@@ -165,8 +191,17 @@ class SlotTable:
         decode, before it computes), shared cells in a unified cache."""
         self._memory.seq_cp(leader.seq_id, follower.seq_id, -1, -1)
         follower.cache = list(leader.cache)
+        follower.kv_key = leader.kv_key
         follower.out_index = leader.out_index
         follower.leader = None
+
+    def truncate(self, slot: Slot, n_keep: int) -> None:
+        """Drop the slot's KV from position ``n_keep`` on (rejected draft rows) and its cache past it; a memory
+        without partial removal (recurrent models: never drafted, see ``LlamaContext.can_truncate``) loses it all."""
+        if not self._memory.seq_rm(slot.seq_id, n_keep, -1):
+            self._memory.seq_rm(slot.seq_id, -1, -1)
+            n_keep = 0
+        del slot.cache[n_keep:]
 
     def forget(self, slot: Slot) -> None:
         """Drop everything the slot's KV holds (its state is unknown after an error)."""
@@ -182,7 +217,9 @@ class SlotTable:
         slot.pending = []
         slot.detok = None
         slot.stop = None
+        slot.filters = None
         slot.logprobs = None
+        slot.drafting = None
         slot.choice = 0
         slot.leader = None
         slot.followers = []
@@ -196,4 +233,4 @@ class SlotTable:
                 slot.chain.close()
 
 
-__all__ = ["KVMemory", "Slot", "SlotTable", "common_prefix", "copy_threshold"]
+__all__ = ["KVMemory", "LoraKey", "Slot", "SlotTable", "common_prefix", "copy_threshold", "lora_key"]

@@ -17,6 +17,7 @@ class ModelSpec:
     n_gpu_layers: int = 0
     n_batch: int = 512
     chat_template: str | None = None  # Jinja source used instead of the GGUF's tokenizer.chat_template
+    loras: tuple[Path, ...] = ()  # GGUF LoRA adapters loaded with the model; requests pick them by index
 
     def threads(self) -> int:
         """llama.cpp threads for this model: ``n_threads``, else ``edgellm.hardware.default_threads()`` (the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import TypeAlias
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -13,13 +14,13 @@ from starlette.responses import JSONResponse, Response
 
 from edgellm.serve.engine.base import Engine, Finished, Generation, TextDelta, ToolCallDelta
 from edgellm.serve.errors import NOT_FOUND, APIError, error_body, to_api_error
-from edgellm.serve.http import check_auth, read_json, ready_engine, server_state
+from edgellm.serve.http import check_auth, for_persona, read_json, ready_engine, server_state, serves_persona
 from edgellm.serve.routes.openai_format import Answer, ChatFormat, CompletionFormat, dumps
 from edgellm.serve.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 
 log = logging.getLogger(__name__)
 
-Format = ChatFormat | CompletionFormat
+Format: TypeAlias = ChatFormat | CompletionFormat
 
 
 def _resolve_model(engine: Engine, requested: str | None) -> str:
@@ -94,8 +95,16 @@ async def _generate(request: Request, body_model: type[ChatCompletionRequest] | 
     check_auth(request, settings.api_key)
     body = parse_body(body_model, await read_json(request, settings.max_body_bytes))
     engine = ready_engine(request)
-    model = _resolve_model(engine, body.model)
+    persona = serves_persona(state, body.model)
+    model = body.model if persona and body.model else _resolve_model(engine, body.model)
     gen_request = body.to_generation_request(model, settings.default_max_tokens, settings.max_tokens_cap, settings.max_n)
+    headers: dict[str, str] = {}
+    route = None
+    if persona:  # the persona's base, adapters, prompt and caps; a router's choice first
+        gen_request, route = await for_persona(state, gen_request)
+        if route is not None:
+            model = route.persona
+            headers["x-edgellm-route"] = route.header_value()
     # drain.watch: if the server's drain expires first, each choice ends with finish_reason "length"
     submitted = state.metrics.observe_generation(model, await engine.submit(gen_request), arrived)
     generation = state.drain.watch(submitted, gen_request.n)
@@ -106,12 +115,15 @@ async def _generate(request: Request, body_model: type[ChatCompletionRequest] | 
         return EventSourceResponse(
             _sse(generation, fmt, body.include_usage()),
             sep="\n",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
             # if the client is gone before the stream has started, _sse never runs: close the generation anyway
             background=BackgroundTask(generation.aclose),
         )
     answer = await _collect(generation, request, Answer(n))
-    return JSONResponse(fmt.response(answer))
+    body_out = fmt.response(answer)
+    if route is not None:  # why this persona: an extension field beside OpenAI's
+        body_out["edgellm_route"] = route.as_dict()
+    return JSONResponse(body_out, headers=headers)
 
 
 async def chat_completions(request: Request) -> Response:

@@ -50,6 +50,14 @@ async def list_models(request: Request) -> Response:
              "meta": {"n_ctx": m.n_ctx, "loaded": True}}
             for m in engine.models()
         ]
+    for p in state.personas:
+        data.append({"id": p.name, "object": "model", "created": 0, "owned_by": "edgellm",
+                     "meta": {"kind": "persona", "base": p.base, "adapters": len(p.adapters),
+                              "description": p.description}})
+    for r in state.settings.routers:
+        data.append({"id": r.name, "object": "model", "created": 0, "owned_by": "edgellm",
+                     "meta": {"kind": "router", "method": r.method, "default": r.default,
+                              "ready": r.name in state.routers}})
     embedder = state.embedder.model if state.embedder is not None else None
     if embedder is not None:
         data.append({"id": embedder.name, "object": "model", "created": 0, "owned_by": "edgellm",

@@ -9,11 +9,18 @@ gives (``ollama_error``, the one place). The API key is checked as on the other 
 
 ``/api/tags`` lists the chat models and a GGUF embedder. A model's ``digest`` is the sha256 of its file, computed
 once in a worker thread the first time a listing needs it and kept until the file changes (size or mtime).
+
+``keep_alive`` on /api/chat and /api/generate is Ollama's: for a model served on demand (``--models-dir``) it sets
+that model's idle expiry in the pool (``ModelPool.set_keep_alive``; absent: the server's ``keep_alive`` again, as
+Ollama returns to its default), 0 unloads it once the request is done, negative keeps it loaded. A request with
+nothing to say loads the model (``done_reason: "load"``), or with ``keep_alive: 0`` unloads it (``"unload"``).
+``/api/ps`` reports each loaded model's real ``expires_at`` and its estimated ``size`` (file + KV cache).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -34,6 +41,7 @@ from edgellm.fsutil import sha256_file
 from edgellm.gguf import read_header
 from edgellm.serve.engine.base import (
     Engine,
+    EngineOverloadedError,
     Finished,
     Generation,
     ModelInfo,
@@ -43,7 +51,16 @@ from edgellm.serve.engine.base import (
 )
 from edgellm.serve.engine.pool import ModelPool
 from edgellm.serve.errors import NOT_FOUND, NOT_SUPPORTED, APIError, to_api_error
-from edgellm.serve.http import ServerState, check_auth, read_json, ready_engine, server_state
+from edgellm.serve.http import (
+    ServerState,
+    check_auth,
+    for_persona,
+    persona_base,
+    read_json,
+    ready_engine,
+    server_state,
+    serves_persona,
+)
 from edgellm.serve.routes.embeddings import NO_EMBEDDER
 from edgellm.serve.routes.ollama_format import (
     OLLAMA_API_VERSION,
@@ -63,6 +80,7 @@ from edgellm.serve.routes.ollama_format import (
     model_facts,
     parameters_text,
     parse,
+    parse_keep_alive,
     refuse_unhonoured,
     sampling,
     timestamp,
@@ -218,17 +236,32 @@ async def tags(request: Request) -> Response:
     return JSONResponse({"models": models})
 
 
+def expires_at(seconds: float | None) -> str:
+    """Ollama's ``expires_at``: now + ``seconds``; None (never unloaded) is what Ollama says for ``keep_alive: -1``."""
+    forever = FOREVER.total_seconds()
+    return timestamp(datetime.now(UTC) + (FOREVER if seconds is None else timedelta(seconds=min(seconds, forever))))
+
+
 async def ps(request: Request) -> Response:
-    """Every served model is loaded, and stays loaded: ``expires_at`` is what Ollama says for ``keep_alive: -1``."""
+    """The loaded models: ``expires_at`` from the pool (when it unloads an idle model; models loaded at start and
+    the embedder: never), ``size`` the estimated RAM (file + KV cache; the file for the embedder), ``size_vram`` the
+    part on a GPU (0 on CPU)."""
     state = server_state(request)
     check_auth(request, state.settings.api_key)
     cache = facts_cache(request)
-    expires = timestamp(datetime.now(UTC) + FOREVER)
+    engine = ready_engine(request)
+    pool = engine if isinstance(engine, ModelPool) else None
     models = []
-    for s in served_models(state, ready_engine(request), loaded_only=True):
+    for s in served_models(state, engine, loaded_only=True):
         entry, _ = await _listing(cache, s)
         del entry["modified_at"]
-        models.append({**entry, "expires_at": expires, "size_vram": 0, "context_length": s.n_ctx})
+        spec = pool.spec_of(s.name) if pool is not None and s.kind == "chat" else None
+        est = await asyncio.to_thread(pool.memory_estimate, spec) if pool is not None and spec is not None else None
+        expires = pool.expires_in(s.name) if pool is not None and s.kind == "chat" else None
+        if est is not None and spec is not None:
+            entry["size"] = est.total
+        vram = est.offloaded(spec.n_gpu_layers) if est is not None and spec is not None else 0
+        models.append({**entry, "expires_at": expires_at(expires), "size_vram": vram, "context_length": s.n_ctx})
     return JSONResponse({"models": models})
 
 
@@ -307,7 +340,7 @@ def _line(data: dict[str, Any]) -> bytes:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-async def ndjson_lines(generation: Generation, shape: Shape, started_ns: int) -> AsyncIterator[bytes]:
+async def ndjson_lines(generation: Generation, shape: Shape, started_ns: int, load_ns: int = 0) -> AsyncIterator[bytes]:
     calls = ToolCalls()
     try:
         async for event in generation:
@@ -321,14 +354,16 @@ async def ndjson_lines(generation: Generation, shape: Shape, started_ns: int) ->
                 if (call := calls.close()) is not None:
                     yield _line(shape.chunk("", [call]))
                 total = time.perf_counter_ns() - started_ns
-                yield _line(shape.chunk("", final=final_fields(event, total)))
+                yield _line(shape.chunk("", final=final_fields(event, total, load_ns)))
     except Exception as e:  # the response has started: report the error in-band, as Ollama does
         yield _line({"error": to_api_error(e).message})
     finally:
         await generation.aclose()
 
 
-async def collect_answer(generation: Generation, request: Request, shape: Shape, started_ns: int) -> dict[str, Any]:
+async def collect_answer(
+    generation: Generation, request: Request, shape: Shape, started_ns: int, load_ns: int = 0
+) -> dict[str, Any]:
     """The whole answer as one object; if the client goes away first, the generation is cancelled."""
     parts: list[str] = []
     calls: list[dict[str, Any]] = []
@@ -368,7 +403,7 @@ async def collect_answer(generation: Generation, request: Request, shape: Shape,
         raise failed
     if finished is None:
         raise APIError(499, "client disconnected")
-    return shape.chunk("".join(parts), calls, final_fields(finished, time.perf_counter_ns() - started_ns))
+    return shape.chunk("".join(parts), calls, final_fields(finished, time.perf_counter_ns() - started_ns, load_ns))
 
 
 def _chat_model(state: ServerState, engine: Engine, name: str | None) -> ModelInfo:
@@ -376,6 +411,41 @@ def _chat_model(state: ServerState, engine: Engine, name: str | None) -> ModelIn
     if s.kind != "chat":
         raise APIError(400, f"{s.name!r} is an embedding model: it does not generate; use /api/embed")
     return ModelInfo(name=s.name, path=str(s.path), n_ctx=s.n_ctx, created=0)
+
+
+def apply_keep_alive(engine: Engine, name: str, value: float | int | str | None) -> float | None:
+    """Ollama's ``keep_alive`` for model ``name``: the model's idle expiry in the pool (absent: the server's
+    keep_alive). A model loaded at start (or an engine without a pool) stays loaded: only absent or negative."""
+    if not isinstance(engine, ModelPool) or engine.is_pinned(name):
+        return check_keep_alive(value, f"model {name!r}")
+    seconds = parse_keep_alive(value)
+    engine.set_keep_alive(name, seconds)
+    return seconds
+
+
+@contextlib.asynccontextmanager
+async def loaded(engine: Engine, name: str) -> AsyncIterator[int]:
+    """Model ``name`` loaded (if it is served on demand) and held loaded while inside; yields the nanoseconds its
+    load took (0: it was loaded), for ``load_duration``."""
+    if not isinstance(engine, ModelPool):
+        yield 0
+        return
+    started, was_loaded = time.perf_counter_ns(), engine.is_loaded(name)
+    async with engine.holding(name):
+        yield 0 if was_loaded else time.perf_counter_ns() - started
+
+
+async def unload_when_idle(engine: Engine, name: str) -> None:
+    """``keep_alive: 0`` with nothing to say: unload ``name`` now, or once its running requests are done."""
+    if not isinstance(engine, ModelPool) or not engine.is_loaded(name):
+        if isinstance(engine, ModelPool):
+            engine.set_keep_alive(name, None)  # nothing loaded: nothing to expire
+        return
+    if not engine.busy(name):
+        try:
+            await engine.unload_model(name)
+        except EngineOverloadedError:  # a request came meanwhile: keep_alive 0 unloads it after that one
+            pass
 
 
 async def _answer(request: Request, body_type: type[ChatBody] | type[GenerateBody]) -> Response:
@@ -387,26 +457,34 @@ async def _answer(request: Request, body_type: type[ChatBody] | type[GenerateBod
     body = parse(body_type, await read_json(request, settings.max_body_bytes))
     refuse_unhonoured(body)
     engine = ready_engine(request)
-    model = _chat_model(state, engine, body.model)
+    persona = serves_persona(state, body.model)  # a persona or a router: its base model serves it
+    model = _chat_model(state, engine, persona_base(state, body.model) if persona and body.model else body.model)
     options = check_options(body.options, model.n_ctx)
     if settings.engine == "serial" and options.repeat_last_n not in (None, SERIAL_REPEAT_LAST_N):
         raise APIError(400, f"'options.repeat_last_n' needs the batched engine (the serial engine's penalty window "
                        f"is fixed at {SERIAL_REPEAT_LAST_N}); serve with `--engine batched` (the default)")
     shape = Shape(body.model or model.name, chat=isinstance(body, ChatBody))  # the name as asked, as Ollama does
+    keep_alive = apply_keep_alive(engine, model.name, body.keep_alive)
     if not (body.messages if isinstance(body, ChatBody) else body.prompt):  # Ollama: nothing to say loads the model
-        return JSONResponse(shape.chunk("", final={"done": True, "done_reason": "load"}))
+        if keep_alive == 0:  # ... or, with keep_alive 0, unloads it
+            await unload_when_idle(engine, model.name)
+            return JSONResponse(shape.chunk("", final={"done": True, "done_reason": "unload"}))
+        async with loaded(engine, model.name) as load_ns:
+            return JSONResponse(shape.chunk("", final={"done": True, "done_reason": "load", "load_duration": load_ns}))
     params = sampling(options, settings.default_max_tokens, settings.max_tokens_cap)
+    asked = body.model if persona and body.model else model.name
     gen_request = (
-        chat_request(body, model.name, params)
-        if isinstance(body, ChatBody)
-        else generate_request(body, model.name, params)
+        chat_request(body, asked, params) if isinstance(body, ChatBody) else generate_request(body, asked, params)
     )
-    submitted = await engine.submit(gen_request)
+    if persona:  # the persona's adapters, prompt, caps and filters (a router's choice first)
+        gen_request, _ = await for_persona(state, gen_request)
+    async with loaded(engine, model.name) as load_ns:  # timed here, for load_duration; submit finds it loaded
+        submitted = await engine.submit(gen_request)
     # a drain ends it with its final chunk; metrics count its tokens and latency
     generation = state.drain.watch(state.metrics.observe_generation(model.name, submitted, arrived))
     if body.stream:
-        return StreamingResponse(ndjson_lines(generation, shape, started), media_type=NDJSON)
-    return JSONResponse(await collect_answer(generation, request, shape, started))
+        return StreamingResponse(ndjson_lines(generation, shape, started, load_ns), media_type=NDJSON)
+    return JSONResponse(await collect_answer(generation, request, shape, started, load_ns))
 
 
 async def chat(request: Request) -> Response:
@@ -430,7 +508,7 @@ async def _embed(request: Request, body_type: type[EmbedBody] | type[EmbeddingsB
     if settings.embedder is None or served is None:
         raise APIError(501, NO_EMBEDDER, NOT_SUPPORTED)
     body = parse(body_type, await read_json(request, settings.max_body_bytes))
-    check_keep_alive(body.keep_alive)
+    check_keep_alive(body.keep_alive, "the embedder")
     if given := [k for k, v in (body.options or {}).items() if v is not None]:
         raise APIError(400, f"{', '.join(repr('options.' + k) for k in given)}: embeddings take no options here")
     embedder = served.ready("embedder")

@@ -2,9 +2,9 @@
 
 What a request asks for is honoured or refused with a 400 that names the field, never dropped: ``options`` this
 server applies (``HONOURED_OPTIONS``) map onto ``SamplingParams``; an option it does not apply is accepted only at
-the value that means "off" (``NO_OP_OPTIONS``, e.g. ``mirostat: 0``), otherwise 400. ``keep_alive`` is accepted
-only when it means "keep the model loaded" (a negative number or duration): this server loads every model at
-start and never unloads one. Model facts (``details``, ``model_info``) come from the GGUF header
+the value that means "off" (``NO_OP_OPTIONS``, e.g. ``mirostat: 0``), otherwise 400. ``keep_alive`` is read as
+Ollama reads it (``parse_keep_alive``: seconds, or a Go duration such as ``"5m"``; negative: forever) and applied
+to the on-demand pool by the route. Model facts (``details``, ``model_info``) come from the GGUF header
 (``edgellm.gguf.read_header``) and ``edgellm.quants``.
 
 Pure and synchronous: ``routes/ollama.py`` does the HTTP, the engine calls and the caching.
@@ -47,7 +47,10 @@ HONOURED_OPTIONS = (
 NO_OP_OPTIONS: dict[str, Any] = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0, "penalize_newline": True}
 MAX_STOPS = 16
 SERIAL_REPEAT_LAST_N = 64  # llama-cpp-python's fixed penalty window in the serial engine
-_KEEP_LOADED = re.compile(r"^-(\d+(\.\d*)?|\.\d+)((ns|us|µs|ms|s|m|h)(\d+(\.\d*)?(ns|us|µs|ms|s|m|h))*)?$")
+_NUMBER = re.compile(r"^(\d+(\.\d*)?|\.\d+)$")
+_DURATION = re.compile(r"^((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # GGUF keys whose values are arrays (read_header keeps only their length unless asked): Ollama shows [] for them.
 _ARRAY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                "tokenizer.ggml.merges", "tokenizer.ggml.added_tokens")
@@ -176,17 +179,38 @@ def parse(model: type[T], body: Any, prefix: str = "") -> T:
 # --- checks: honour or refuse --------------------------------------------------------------------------------------
 
 
-def check_keep_alive(value: float | int | str | None) -> None:
-    """Accept ``keep_alive`` only when it means "keep the model loaded": absent, or negative (Ollama: forever)."""
+def parse_keep_alive(value: float | int | str | None) -> float | None:
+    """``keep_alive`` in seconds as Ollama reads it: a number of seconds, or a Go duration string (``"5m"``,
+    ``"1h30m"``, ``"30s"``, ``"0"``; a bare number string is seconds too); 0: unload right after the request;
+    negative: keep loaded forever (returned as -1). None when absent; a 400 naming the field otherwise."""
     if value is None:
-        return
-    negative = value < 0 if isinstance(value, int | float) else bool(_KEEP_LOADED.match(value.strip()))
-    if not negative:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return -1.0 if value < 0 else float(value)
+    text = value.strip() if isinstance(value, str) else ""
+    body = text[1:] if text[:1] in "+-" else text
+    if _NUMBER.match(body):
+        seconds = float(body)
+    elif _DURATION.match(body):
+        seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(body))
+    else:
+        raise APIError(400, f"'keep_alive': {value!r} is not a duration: send seconds (300), a duration such as "
+                       "\"5m\", \"1h30m\" or \"30s\", 0 to unload the model after the request, or a negative value to "
+                       "keep it loaded")
+    return -1.0 if text.startswith("-") and seconds > 0 else seconds
+
+
+def check_keep_alive(value: float | int | str | None, what: str = "this model") -> float | None:
+    """``keep_alive`` for a model that is loaded at start and stays loaded: accepted when absent or negative
+    (forever), else a 400 that says why."""
+    seconds = parse_keep_alive(value)
+    if seconds is not None and seconds >= 0:
         raise APIError(
             400,
-            f"'keep_alive': {value!r} is not supported: this server loads every model at start and keeps it loaded "
-            "(no loading on demand, no unloading); leave 'keep_alive' out or send a negative value such as -1",
+            f"'keep_alive': {value!r} is not supported for {what}: it is loaded at start and stays loaded (only the "
+            "models served on demand from models_dir are unloaded); leave 'keep_alive' out or send a negative value",
         )
+    return seconds
 
 
 def check_options(options: dict[str, Any] | None, n_ctx: int) -> Options:
@@ -217,8 +241,8 @@ def check_options(options: dict[str, Any] | None, n_ctx: int) -> Options:
 
 
 def refuse_unhonoured(body: _Body) -> None:
-    """400 for request fields this server cannot honour (each named)."""
-    check_keep_alive(body.keep_alive)
+    """400 for request fields this server cannot honour (each named); ``keep_alive`` is the route's (it depends on
+    the model)."""
     if body.think not in (None, False):
         raise APIError(400, f"'think': {body.think!r} is not supported: the models here do not think; leave it out "
                        "or send false")
@@ -374,14 +398,14 @@ def done_reason(reason: FinishReason) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def final_fields(f: Finished, total_ns: int) -> dict[str, Any]:
-    """The statistics of a final chunk, durations in nanoseconds. ``load_duration`` is 0: models are loaded at
-    start, never for a request."""
+def final_fields(f: Finished, total_ns: int, load_ns: int = 0) -> dict[str, Any]:
+    """The statistics of a final chunk, durations in nanoseconds; ``load_ns``: the time this request waited for its
+    model to load (0 when it was loaded)."""
     return {
         "done": True,
         "done_reason": done_reason(f.finish_reason),
         "total_duration": total_ns,
-        "load_duration": 0,
+        "load_duration": load_ns,
         "prompt_eval_count": f.prompt_tokens,
         "prompt_eval_duration": int(f.timings.prompt_ms * 1e6),
         "eval_count": f.completion_tokens,

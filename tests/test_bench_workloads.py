@@ -1,0 +1,132 @@
+"""`edgellm bench workloads`: the shipped request set, and short real runs against a real `edgellm serve` (and
+llama-server when its binary is there). Structure only: no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from edgellm.bench.errors import BenchError
+from edgellm.bench.workloads import (
+    COPY_HEAVY,
+    WORKLOADS,
+    bench_workloads,
+    load_requests,
+    parse_variant,
+    workloads_table,
+)
+
+LLAMA_SERVER = Path(__file__).resolve().parents[2] / "shared" / "tools" / "llama-server" / "llama-server"
+
+
+def test_the_shipped_set_has_several_requests_of_every_workload() -> None:
+    reqs = load_requests()
+    assert len({r.id for r in reqs}) == len(reqs)
+    for w in WORKLOADS:
+        mine = [r for r in reqs if r.workload == w]
+        assert len(mine) >= 3, w
+        assert len({r.max_tokens for r in mine}) == 1, f"{w}: one max_tokens per workload"
+    assert set(COPY_HEAVY) < set(WORKLOADS)
+    for r in reqs:
+        body = r.body("m")
+        assert body["temperature"] == 0.0 and body["stream"] is True
+        if r.workload == "extract":
+            assert body["response_format"]["type"] == "json_schema"
+            assert body["response_format"]["json_schema"]["schema"]["type"] == "object"
+        else:
+            assert "response_format" not in body
+    assert any(m["role"] == "assistant" for r in reqs if r.workload == "multiturn" for m in r.messages)
+
+
+def test_a_bad_request_line_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "set.jsonl"
+    bad.write_text('{"id": "a", "workload": "chat", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}\n'
+                   '{"id": "b", "workload": "poetry", "max_tokens": 8, "messages": []}\n')  # fmt: skip
+    with pytest.raises(BenchError, match=r"set.jsonl:2: workload must be one of"):
+        load_requests(bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({}, "no server to run against"),
+        ({"llama_server": Path("/nonexistent/llama-server")}, "not an executable llama-server"),
+        ({"servers": {"a": "http://127.0.0.1:1"}, "workloads": ["poetry"]}, "workloads must be some of"),
+        ({"servers": {"a": "http://127.0.0.1:1"}, "levels": [0]}, ">= 1"),
+        ({"edgellm": {"x": []}, "model": Path("/nonexistent.gguf")}, "no such GGUF file"),
+        ({"servers": {"edgellm": "http://127.0.0.1:1"}, "edgellm": {"edgellm": []}}, "names must differ"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_runs(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(BenchError, match=fragment):
+        bench_workloads(**kwargs)
+
+
+def test_variants_parse_into_set_overrides() -> None:
+    assert parse_variant("fast:a.b=1,c=2") == ("fast", ["--set", "a.b=1", "--set", "c=2"])
+    assert parse_variant("plain") == ("plain", [])
+    with pytest.raises(BenchError, match="NAME:KEY=VALUE"):
+        parse_variant("x:novalue")
+
+
+def test_a_short_run_against_edgellm(default_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    r = bench_workloads(
+        edgellm={"edgellm": []},
+        model=default_gguf,
+        threads=1,
+        slots=2,
+        n_ctx=1024,
+        levels=[1, 2],
+        rounds=1,
+        workloads=["rewrite", "extract"],
+        per_workload=2,
+        out=out,
+    )
+    assert list(r.servers) == ["edgellm"] and r.request_set == "workloads-v1.jsonl"
+    assert [(c.workload, c.streams) for c in r.cells] == [("rewrite", 1), ("rewrite", 2), ("extract", 1), ("extract", 2)]
+    for c in r.cells:
+        assert c.requests == c.streams and c.tokens > 0 and c.aggregate > 0 and 0 < c.ttft_p50 <= c.ttft_p95
+        assert c.samples and all(c.samples)
+        if c.draft_n is not None:  # once edgellm drafts, it reports what it drafted
+            assert 0 <= (c.draft_n_accepted or 0) <= c.draft_n
+    extract = [c for c in r.cells if c.workload == "extract"]
+    assert all(c.json_ok == c.requests for c in extract), [c.samples for c in extract]
+    for c in extract:
+        for text in c.samples:
+            assert isinstance(json.loads(text), dict)
+    table = (out / "workloads.md").read_text()
+    assert table == workloads_table(r)
+    assert "| extract | 2 | edgellm |" in table
+    data = json.loads((out / "workloads.json").read_text())
+    assert data["cells"][0]["server"] == "edgellm" and "acceptance" in data["cells"][0]
+    assert (out / "workloads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
+
+
+@pytest.mark.skipif(
+    not (LLAMA_SERVER.is_file() and os.access(LLAMA_SERVER, os.X_OK)),
+    reason=f"no llama-server binary at {LLAMA_SERVER} (a benchmark reference, see its README)",
+)
+def test_one_workload_against_llama_server_drafting_off_and_on(default_gguf: Path) -> None:
+    r = bench_workloads(
+        llama_server=LLAMA_SERVER,
+        model=default_gguf,
+        threads=1,
+        slots=1,
+        n_ctx=1024,
+        levels=[1],
+        rounds=1,
+        workloads=["rewrite"],
+        per_workload=1,
+    )
+    assert list(r.servers) == ["llama-server", "llama-server-ngram"]
+    assert "--spec-type" in r.servers["llama-server-ngram"] and "--spec-type" not in r.servers["llama-server"]
+    off, on = (r.cell(s, "rewrite", 1) for s in r.servers)
+    assert off is not None and on is not None and off.tokens > 0 and on.tokens > 0
+    assert off.draft_n is None  # no drafting, no draft counts
+    # greedy both ways: drafting changes the speed, not the answer (llama.cpp's batch-size rounding aside)
+    assert on.samples[0][:20] == off.samples[0][:20]

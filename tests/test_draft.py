@@ -1,0 +1,258 @@
+"""`serve/engine/draft.py`: n-gram drafts from a sequence's own context, the shared cache, and the adaptive draft
+length. Pure Python, no model: examples, then hypothesis properties against a from-scratch reference."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgellm.serve.engine.draft import AdaptiveK, NgramCache, NgramDrafter
+
+
+def reference_propose(tokens: list[int], k: int, n_max: int = 4, n_min: int = 2) -> list[int]:
+    """The definition, by brute force: for the largest n that occurs, the continuation of the most recent earlier
+    occurrence of the last n tokens."""
+    size = len(tokens)
+    if k <= 0:
+        return []
+    for n in range(min(n_max, size), n_min - 1, -1):
+        suffix = tokens[size - n :]
+        for end in range(size - 2, n - 2, -1):  # an occurrence ending at `end` with a known successor
+            if tokens[end - n + 1 : end + 1] == suffix:
+                return tokens[end + 1 : min(end + 1 + k, size)]
+    return []
+
+
+# -- examples -------------------------------------------------------------------------------------------------------
+def test_copies_what_followed_the_last_occurrence() -> None:
+    passage = [10, 11, 12, 13, 14, 15, 16, 17]
+    seq = [1, 2, *passage, 3, 4, 10, 11, 12]  # the answer started quoting the passage
+    assert NgramDrafter().propose(seq, 4) == [13, 14, 15, 16]
+    assert NgramDrafter().propose(seq, 100) == [13, 14, 15, 16, 17, 3, 4, 10, 11, 12]
+
+
+def test_prefers_the_longest_match_then_the_most_recent() -> None:
+    # [7, 8] occurs twice; only the first is preceded by 6, so the 3-gram [6, 7, 8] picks it over the later one
+    seq = [6, 7, 8, 1, 2, 9, 7, 8, 3, 4, 6, 7, 8]
+    d = NgramDrafter()
+    assert d.propose(seq, 2) == [1, 2] and d.match_n == 3
+    # with only a 2-gram match, the most recent occurrence wins
+    seq2 = [5, 7, 8, 1, 9, 7, 8, 3, 0, 7, 8]
+    d2 = NgramDrafter()
+    assert d2.propose(seq2, 2) == [3, 0] and d2.match_n == 2
+
+
+def test_no_match_no_draft() -> None:
+    d = NgramDrafter()
+    assert d.propose(list(range(50)), 8) == [] and d.match_n == 0
+    assert d.propose([], 8) == [] and d.propose([1], 8) == []
+    assert NgramDrafter().propose([1, 2, 1, 2], 0) == []
+
+
+def test_a_one_token_match_is_not_enough_by_default() -> None:
+    assert NgramDrafter().propose([5, 6, 7, 5], 3) == []
+    assert NgramDrafter(n_min=1).propose([5, 6, 7, 5], 3) == [6, 7, 5]
+
+
+def test_the_draft_stops_at_the_end_of_the_sequence() -> None:
+    # a run of one token: the most recent earlier [9, 9] ends one before the end, so one token follows it
+    assert NgramDrafter().propose([9, 9, 9, 9, 9], 8) == [9]
+
+
+def test_incremental_use_indexes_only_what_is_new() -> None:
+    d = NgramDrafter()
+    seq = [1, 2, 3, 4, 5, 6, 1, 2]
+    assert d.propose(seq, 3) == [3, 4, 5]
+    seq += [3, 4]  # the engine's list, grown by the accepted tokens
+    assert d.propose(seq, 3) == [5, 6, 1]
+    assert len(d) == len(seq)
+
+
+def test_rollback_and_divergence_resynchronise() -> None:
+    d = NgramDrafter()
+    seq = [1, 2, 3, 4, 5, 1, 2, 3, 9, 9]
+    d.propose(seq, 4)
+    d.truncate(7)  # back to [1, 2, 3, 4, 5, 1, 2]
+    assert d.tokens == seq[:7] and d.draft(4) == [3, 4, 5, 1]
+    # a list that changed before its end (not just grew) is followed too
+    other = [1, 2, 3, 4, 5, 1, 7, 7, 1, 2]
+    assert d.propose(other, 4) == reference_propose(other, 4)
+    assert d.tokens == other
+    assert d.propose([1, 2], 4) == []  # shorter
+
+
+def test_bad_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="n_min <= n_max"):
+        NgramDrafter(n_max=2, n_min=3)
+    with pytest.raises(ValueError, match="n_min"):
+        NgramDrafter(n_min=0)
+
+
+def test_a_step_costs_the_same_at_any_context_length() -> None:
+    """Not a timing assertion: counts that an appended token is indexed once, never rescanned."""
+    d = NgramDrafter()
+    seq = [i % 997 for i in range(4000)]
+    d.propose(seq, 8)
+    sizes = {n: sum(len(v) for v in table.values()) for n, table in d._index.items()}
+    for _ in range(100):
+        seq.append(len(seq) % 997)
+        d.propose(seq, 8)
+    after = {n: sum(len(v) for v in table.values()) for n, table in d._index.items()}
+    assert all(after[n] - sizes[n] == 100 for n in sizes)
+
+
+def test_shared_cache_fills_in_when_the_context_has_nothing() -> None:
+    cache = NgramCache(n=3, m=5, capacity=100)
+    cache.add([40, 41, 42, 43, 44, 45, 46, 47])
+    d = NgramDrafter(cache=cache)
+    assert d.propose([1, 2, 40, 41, 42], 3) == [43, 44, 45] and d.match_n == -1
+    # the sequence's own context wins over the cache
+    assert d.propose([40, 41, 42, 7, 40, 41, 42], 3) == [7, 40, 41] and d.match_n == 3
+    assert NgramDrafter().propose([1, 2, 40, 41, 42], 3) == []
+
+
+def test_shared_cache_is_bounded_least_recently_used_out() -> None:
+    cache = NgramCache(n=2, m=2, capacity=3)
+    cache.add([1, 2, 3, 4, 5])  # [1,2]->[3,4], [2,3]->[4,5], [3,4]->[5]
+    assert len(cache) == 3
+    assert cache.lookup([1, 2], 2) == [3, 4]  # touch [1, 2]
+    cache.add([8, 9, 10])  # [8, 9] -> [10] pushes out the least recently used, [2, 3]
+    assert len(cache) == 3
+    assert cache.lookup([2, 3], 2) == [] and cache.lookup([1, 2], 1) == [3] and cache.lookup([8, 9], 5) == [10]
+    cache.clear()
+    assert len(cache) == 0
+    with pytest.raises(ValueError):
+        NgramCache(n=0)
+
+
+# -- AdaptiveK -------------------------------------------------------------------------------------------------------
+def test_full_acceptance_grows_k_to_its_cap() -> None:
+    ak = AdaptiveK(k_max=8, k_start=2)
+    ks = []
+    for _ in range(4):
+        k = ak.next_k()
+        ks.append(k)
+        ak.update(k, k)
+    assert ks == [2, 4, 8, 8]
+    assert ak.acceptance == 1.0 and ak.drafted == ak.accepted == 22
+
+
+def test_partial_acceptance_sets_k_to_accepted_plus_one() -> None:
+    ak = AdaptiveK(k_max=8, k_start=8)
+    ak.update(8, 2)
+    assert ak.next_k() == 3 and ak.misses == 0
+
+
+def test_repeated_misses_stop_drafting_then_probe_with_growing_pauses() -> None:
+    ak = AdaptiveK(k_max=8, k_start=4, miss_limit=3, cooldown=4, cooldown_max=16, probe_k=2)
+    for _ in range(3):
+        ak.update(ak.next_k(), 0)
+    assert ak.cooling
+    assert [ak.next_k() for _ in range(4)] == [0, 0, 0, 0]
+    assert ak.next_k() == 2  # the probe
+    ak.update(2, 0)  # missed: cool down again, twice as long
+    assert [ak.next_k() for _ in range(8)] == [0] * 8 and ak.next_k() == 2
+    ak.update(2, 0)
+    assert [ak.next_k() for _ in range(16)] == [0] * 16  # capped at cooldown_max
+    ak.update(0, 0)  # no draft this step: nothing learned
+    assert ak.next_k() == 2
+    ak.update(2, 1)  # a hit resets the misses and the pause length
+    assert ak.misses == 0 and not ak.cooling and ak.next_k() == 2
+    for _ in range(3):
+        ak.update(ak.next_k(), 0)
+    assert [ak.next_k() for _ in range(4)] == [0] * 4 and ak.next_k() == 2
+
+
+def test_nothing_to_copy_costs_little() -> None:
+    """Chat where every draft is rejected: the drafted tokens over 500 steps stay a few percent of the steps."""
+    ak = AdaptiveK()
+    drafted = 0
+    for _ in range(500):
+        k = ak.next_k()
+        if k:
+            ak.update(k, 0)
+            drafted += k
+    assert drafted < 0.05 * 500, drafted
+
+
+def test_bad_updates_and_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="within 0..drafted"):
+        AdaptiveK().update(2, 3)
+    with pytest.raises(ValueError):
+        AdaptiveK(k_start=9, k_max=8)
+
+
+# -- properties -------------------------------------------------------------------------------------------------------
+# a small alphabet so that n-grams repeat; sequences long enough to hold copies
+sequences = st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_size=120)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=sequences, k=st.integers(min_value=0, max_value=12))
+def test_property_a_draft_is_a_continuation_seen_earlier(seq: list[int], k: int) -> None:
+    d = NgramDrafter()
+    draft = d.propose(seq, k)
+    assert len(draft) <= k
+    if draft:
+        n = d.match_n
+        assert 2 <= n <= 4
+        suffix = seq[len(seq) - n :]
+        starts = [
+            end + 1
+            for end in range(n - 1, len(seq) - 1)
+            if seq[end - n + 1 : end + 1] == suffix and seq[end + 1 : end + 1 + len(draft)] == draft
+        ]
+        assert starts, "the draft did not follow an earlier occurrence of the last n tokens"
+        # and it is the most recent occurrence of the longest n-gram that occurs
+        assert draft == reference_propose(seq, k)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq=sequences, cuts=st.lists(st.integers(min_value=0, max_value=120), max_size=6), k=st.integers(1, 10))
+def test_property_incremental_equals_from_scratch(seq: list[int], cuts: list[int], k: int) -> None:
+    """Growing the sequence piece by piece (as the engine does) drafts what a fresh drafter drafts at every step."""
+    d = NgramDrafter()
+    grown: list[int] = []
+    for cut in [*sorted(cuts), len(seq)]:
+        grown = seq[: max(len(grown), cut)]
+        assert d.propose(grown, k) == NgramDrafter().propose(grown, k) == reference_propose(grown, k)
+    for t in range(len(seq)):  # one token at a time, as decoding appends them
+        assert d.propose(seq[: t + 1], k) == reference_propose(seq[: t + 1], k)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq=sequences, keep=st.integers(0, 120), tail=sequences, k=st.integers(1, 10))
+def test_property_rollback_equals_from_scratch(seq: list[int], keep: int, tail: list[int], k: int) -> None:
+    """Truncating (KV rollback) and growing again leaves the index as if built from scratch."""
+    d = NgramDrafter(n_max=5, n_min=2)
+    d.propose(seq, k)
+    d.truncate(keep)
+    now = seq[:keep] + tail
+    fresh = NgramDrafter(n_max=5, n_min=2)
+    assert d.propose(now, k) == fresh.propose(now, k) == reference_propose(now, k, n_max=5)
+    assert d._index == fresh._index
+
+
+@settings(max_examples=200, deadline=None)
+@given(outcomes=st.lists(st.tuples(st.integers(0, 16), st.floats(0, 1)), max_size=200))
+def test_property_adaptive_k_stays_in_range(outcomes: list[tuple[int, float]]) -> None:
+    ak = AdaptiveK(k_max=8)
+    for available, frac in outcomes:
+        k = ak.next_k()
+        assert 0 <= k <= 8
+        drafted = min(k, available)
+        ak.update(drafted, int(drafted * frac))
+        assert 1 <= ak.k <= 8 and 0 <= ak.cold_steps <= ak.cooldown_max
+    assert ak.accepted <= ak.drafted
+
+
+def test_a_long_context_grown_token_by_token() -> None:
+    """4k tokens appended one at a time to the same list (the engine's way): the drafts stay the reference's."""
+    source = [(i * 7) % 301 for i in range(4096)]
+    seq: list[int] = []
+    d = NgramDrafter()
+    for t in source:
+        seq.append(t)
+        d.propose(seq, 8)
+    assert len(d) == 4096 and d.propose(seq, 8) == reference_propose(seq, 8)
