@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import ollama
 import openai
 import pytest
 import yaml
@@ -78,7 +79,8 @@ def forbidden(default_gguf: Path, smollm2_adapters: list[Path], tmp_path_factory
     """Two phrases olive's adapter really says (its greedy answer, found by serving it without a filter)."""
     tmp = tmp_path_factory.mktemp("personas-probe")
     with running_server("--config", str(_config(tmp, default_gguf, smollm2_adapters, ["unused"]))) as url:
-        text, _ = _greedy(openai.OpenAI(base_url=f"{url}/v1", api_key="x"), "olive")
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="x") as probe:
+            text, _ = _greedy(probe, "olive")
     tokens = text.split()
     long_word = next(t for t in tokens[4:] if t.isalpha() and len(t) >= 5)
     return [" ".join(tokens[1:3]), long_word.upper()]  # a two-word phrase, and a word in the wrong case
@@ -94,8 +96,9 @@ def server(
 
 
 @pytest.fixture()
-def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="x")
+def client(server: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="x") as c:
+        yield c
 
 
 def test_models_lists_personas_and_the_router(server: str) -> None:
@@ -189,9 +192,11 @@ def test_bad_persona_requests_get_clear_errors(server: str) -> None:
 
 
 def test_ollama_clients_reach_personas_and_the_router(server: str, client: openai.OpenAI) -> None:
-    import ollama
+    with ollama.Client(host=server, timeout=300) as o:
+        _ollama_checks(o, client)
 
-    o = ollama.Client(host=server, timeout=300)
+
+def _ollama_checks(o: ollama.Client, client: openai.OpenAI) -> None:
     streamed = "".join(part.message.content or "" for part in o.chat(
         model="hammy", messages=[{"role": "user", "content": QUESTION}], stream=True,
         options={"temperature": 0, "num_predict": 40}))
