@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgellm.config import load_config
+from edgellm.manifest import PersonaProfile
 from edgellm.serve.engine.embed import EmbedBackend
 from edgellm.serve.engine.factory import EngineKind
 from edgellm.serve.engine.rerank import RerankBackend, backend_for
@@ -149,32 +150,19 @@ class LoraSettings(_Strict):
         return path
 
 
-class PersonaSettings(_Strict):
+class PersonaSettings(PersonaProfile):
     """A persona: a model under ``models`` with LoRA adapters applied at run time (one copy of the base weights
-    however many personas share it), its system prompt and limits. Clients select it as ``model: "<name>"``."""
+    however many personas share it), and its profile (``edgellm.manifest.PersonaProfile``: system prompt, caps,
+    forbidden phrases, triggers, description; the same fields a train recipe records). Clients select it as
+    ``model: "<name>"``."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
     base: str = Field(min_length=1, description="the name of a model under `models` the adapters apply to")
     adapters: list[LoraSettings] = Field(
         default_factory=list, description="LoRA adapters applied together (empty: the base with this profile)"
     )
-    system_prompt: str | None = Field(None, description="put before the conversation's own system message")
-    max_tokens: int | None = Field(None, ge=1, description="cap on the answer's tokens (finish_reason 'length')")
-    max_words: int | None = Field(
-        None, ge=1, description="cap on the answer's words: it stops at a word boundary (finish_reason 'length')"
-    )
-    forbidden_phrases: list[str] = Field(
-        default_factory=list, description="removed from the answer, also when split across tokens and chunks"
-    )
-    triggers: list[str] = Field(default_factory=list, description="keywords that route a message to this persona")
-    description: str | None = Field(None, description="what the persona is for (shown in /v1/models; routing)")
-
-    @field_validator("forbidden_phrases", "triggers")
-    @classmethod
-    def _no_empty_strings(cls, values: list[str]) -> list[str]:
-        if any(not v.strip() for v in values):
-            raise ValueError("empty strings are not allowed")
-        return values
 
     @field_validator("adapters")
     @classmethod
