@@ -101,11 +101,7 @@ def _default_engine_factory(settings: ServeSettings) -> Engine:
         max_loaded=settings.max_loaded_models,
         keep_alive=settings.keep_alive,
         load_timeout=settings.load_timeout,
-        draft=settings.draft.enabled,
-        draft_n_max=settings.draft.n_max,
-        draft_ngram_max=settings.draft.ngram_max,
-        draft_ngram_min=settings.draft.ngram_min,
-        jump_forward=settings.draft.jump_forward,
+        draft=settings.draft.policy(),
     )
     _configure_memory(engine, settings)
     return engine

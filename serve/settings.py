@@ -15,6 +15,7 @@ from edgellm.manifest import PersonaProfile
 from edgellm.serve.engine.embed import EmbedBackend
 from edgellm.serve.engine.factory import EngineKind
 from edgellm.serve.engine.rerank import RerankBackend, backend_for
+from edgellm.serve.engine.speculative import DraftPolicy
 
 ENV_PREFIX = "EDGELLM_SERVE"
 
@@ -225,6 +226,17 @@ class DraftSettings(_Strict):
     jump_forward: bool = Field(
         False, description="under a grammar, draft the text it forced in earlier answers under the same grammar"
     )
+    cost_aware: bool = Field(
+        True,
+        description="draft a token only when its acceptance repays the measured cost of a batch row; "
+        "false: draft whatever matches (for measurements)",
+    )
+
+    def policy(self) -> DraftPolicy | None:
+        """The engine's drafting policy (None: drafting off)."""
+        if not self.enabled:
+            return None
+        return DraftPolicy(self.n_max, self.ngram_max, self.ngram_min, self.jump_forward, self.cost_aware)
 
     @model_validator(mode="after")
     def _ngram_order(self) -> DraftSettings:

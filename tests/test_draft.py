@@ -256,3 +256,105 @@ def test_a_long_context_grown_token_by_token() -> None:
         seq.append(t)
         d.propose(seq, 8)
     assert len(d) == 4096 and d.propose(seq, 8) == reference_propose(seq, 8)
+
+
+# -- speculative.py: is a draft worth its rows? ------------------------------------------------------------------
+def measured(cost, times: dict[int, float]) -> None:
+    for _ in range(4):
+        for rows, t in times.items():
+            cost.observe(rows, t)
+
+
+# what this box measured for SmolLM2-135M at 2 threads: a lone row is cheap, then ~5.5 ms a row
+SMOLLM2 = {1: 0.0103, 2: 0.0201, 3: 0.0261, 5: 0.0353, 9: 0.0570}
+
+
+def test_step_cost_uses_measured_row_counts_and_a_fitted_slope_between_them() -> None:
+    from edgellm.serve.engine.speculative import StepCost
+
+    cost = StepCost()
+    assert cost.seconds(3) is None  # nothing measured
+    cost.observe(1, 0.010)
+    cost.observe(1, 0.010)
+    assert cost.seconds(1) is None, "a row count counts once it was seen 3 times"
+    cost.observe(1, 0.010)
+    assert cost.seconds(1) == pytest.approx(0.010)
+    assert cost.seconds(3) == pytest.approx(0.010 + 2 * 0.005)  # before a slope: a row is half a one-row step
+    measured(cost, SMOLLM2)
+    assert cost.seconds(2) == pytest.approx(0.0201, rel=0.05)
+    assert cost.seconds(4) == pytest.approx(0.0261 + 0.0055, rel=0.1)  # from 3 rows on the fitted slope
+    assert cost.seconds(16) == pytest.approx(0.0570 + 7 * 0.0055, rel=0.1)
+    cost.observe(200, 9.0)  # a prompt-sized step is not a draft's business: ignored
+    cost.observe(0, 1.0)
+    cost.observe(2, -1.0)
+    assert cost.seconds(200) == pytest.approx(0.0570 + 191 * 0.0055, rel=0.1)
+
+
+def test_the_best_draft_maximises_the_steps_tokens_per_second() -> None:
+    from edgellm.serve.engine.speculative import StepCost, StepPlan, best_draft, expected_accepted
+
+    assert expected_accepted(0.5, 3) == pytest.approx(0.5 + 0.25 + 0.125)
+    cost = StepCost()
+    measured(cost, SMOLLM2)
+    one = StepPlan(rows=1, tokens=1.0)
+    assert best_draft(cost, one, alpha=0.5, k_max=8) == 0  # chat: a second row costs as much as the first
+    assert best_draft(cost, one, alpha=0.75, k_max=8) == 0
+    assert 3 <= best_draft(cost, one, alpha=0.95, k_max=8) <= 8  # a copy: long drafts pay
+    four = StepPlan(rows=4, tokens=4.0)
+    measured(cost, {4: 0.0261})
+    assert best_draft(cost, four, alpha=0.75, k_max=8) == 0  # four streams: a row delays all of them
+    assert best_draft(cost, four, alpha=0.99, k_max=8) >= 1
+    free = StepCost()
+    measured(free, {1: 0.010, 2: 0.0101, 3: 0.0102, 5: 0.0104, 9: 0.0108})  # a big model: rows are nearly free
+    assert best_draft(free, StepPlan(rows=1, tokens=1.0), alpha=0.5, k_max=8) >= 4
+
+
+def test_a_slot_that_does_not_pay_only_probes_and_a_copy_brings_drafting_back() -> None:
+    from edgellm.serve.engine.speculative import Speculator
+
+    spec = Speculator(n_max=8)
+    measured(spec.cost, SMOLLM2)
+    seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]  # "4 5 6 ..." follows "1 2 3"
+    sd = spec.start(n_prompt=len(seq), grammar=None)
+    assert sd.alpha == 0.5
+    # the first step with a match probes (one token), since acceptance is unknown
+    assert spec.propose(sd, seq[:-1], seq[-1], limit=8) == [4] and sd.probing
+    sd.settle([9])  # the model chose something else: a miss
+    assert sd.alpha < 0.5 and not sd.probing
+    sd.drafter.truncate(len(seq))  # replay the same position (the drafter's index, not the model)
+    drafts = [spec.propose(sd, seq[:-1], seq[-1], limit=8) for _ in range(sd.probe_gap)]
+    assert drafts == [[]] * sd.probe_gap  # not worth it: no rows spent until the next probe is due
+    assert spec.propose(sd, seq[:-1], seq[-1], limit=8) == [4]  # the next probe
+    assert sd.n_drafted == 2
+    # a copy: drafts accepted raise alpha until long drafts pay
+    sd2 = spec.start(n_prompt=len(seq), grammar=None)
+    for _ in range(12):
+        d = spec.propose(sd2, seq[:-1], seq[-1], limit=8)
+        if d:
+            sd2.settle([*d, 0])
+            sd2.drafter.truncate(len(seq))  # replay the same position (the drafter's index, not the model)
+    assert sd2.alpha > 0.9
+    assert len(spec.propose(sd2, seq[:-1], seq[-1], limit=8)) >= 3
+
+
+def test_drafts_in_one_step_are_weighed_together() -> None:
+    from edgellm.serve.engine.speculative import Speculator
+
+    spec = Speculator(n_max=8)
+    measured(spec.cost, SMOLLM2)
+    seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]
+    plan = spec.plan(2)
+    assert (plan.rows, plan.tokens) == (2, 2.0)
+    sd = spec.start(n_prompt=len(seq), grammar=None)
+    sd.hits, sd.misses = 40.0, 0.0  # a reliable copy
+    d = spec.propose(sd, seq[:-1], seq[-1], limit=8, plan=plan)
+    assert d and plan.rows == 2 + len(d) and plan.tokens > 2.0
+
+
+def test_without_the_cost_model_every_match_is_drafted() -> None:
+    from edgellm.serve.engine.speculative import Speculator
+
+    spec = Speculator(n_max=8, cost_aware=False)
+    seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]
+    sd = spec.start(n_prompt=len(seq), grammar=None)
+    assert spec.propose(sd, seq[:-1], seq[-1], limit=8) == [4, 5, 6, 7]  # AdaptiveK's first k

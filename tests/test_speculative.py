@@ -16,6 +16,7 @@ import pytest
 from edgellm.serve.engine.base import ChatMessage, Finished, GenerationRequest, SamplingParams, TextDelta
 from edgellm.serve.engine.batched import BatchedEngine
 from edgellm.serve.engine.specs import ModelSpec
+from edgellm.serve.engine.speculative import DraftPolicy
 from tests.near_ties import MARGIN, first_difference, near_tie_at
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,11 @@ def check_same(name: str, reference: Answer, got: Answer) -> None:
 
 
 def make_engine(path: Path, draft: bool, slots: int = 4, jump_forward: bool = False) -> BatchedEngine:
+    """Drafting on means drafting whatever matches (``cost_aware=False``): these tests are about verification, and
+    a cost-aware policy would draft little on a busy box."""
     spec = ModelSpec(name=MODEL, path=path, n_ctx=N_CTX, n_threads=2)
-    return BatchedEngine([spec], slots=slots, queue_size=16, draft=draft, jump_forward=jump_forward)
+    policy = DraftPolicy(jump_forward=jump_forward, cost_aware=False) if draft else None
+    return BatchedEngine([spec], slots=slots, queue_size=16, draft=policy)
 
 
 @pytest.fixture(scope="module")

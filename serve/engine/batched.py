@@ -17,9 +17,10 @@ sampler chains. This module composes the pieces; each lives in a module of its o
 4. runs one ``llama_decode``, samples each sequence that has an output with its own sampler chain, detokenizes
    incrementally and emits the text (with the tokens' logprobs, for the requests that asked: ``logprobs.py``).
 
-**Speculative decoding from the context** (``speculative.py``, on unless ``draft=False``): before the batch is
-built, each generating slot may draft up to ``draft_n_max`` tokens copied from its prompt and output (n-gram
-lookup, with a per-slot adaptive length). They ride in the batch after its ``next_token``, each row with logits;
+**Speculative decoding from the context** (``speculative.py``, on unless ``draft=None``): before the batch is
+built, each generating slot may draft up to ``DraftPolicy.n_max`` tokens copied from its prompt and output (n-gram
+lookup, with a per-slot adaptive length, as long as its acceptance repays the measured cost of a row: every decode
+step that reads no prompt is timed for that). They ride in the batch after its ``next_token``, each row with logits;
 ``_sample`` then samples the rows in order with the request's own chain and emits each token through ``_on_token``
 (stop strings, ``max_tokens``, end of generation, logprobs and persona filters end the request exactly where step
 by step decoding would), stopping at the first token that differs from the draft; the KV of the rows after it is
@@ -86,7 +87,7 @@ from edgellm.serve.engine.sampling import Candidates, CompiledGrammars, SamplerC
 from edgellm.serve.engine.scheduler import Scheduler
 from edgellm.serve.engine.slots import LoraKey, Slot, SlotTable, copy_threshold, lora_key
 from edgellm.serve.engine.specs import ModelSpec
-from edgellm.serve.engine.speculative import Speculator
+from edgellm.serve.engine.speculative import DEFAULT_DRAFT, DraftPolicy, Speculator
 from edgellm.serve.engine.structured import StructuredOutput, needs_plan
 
 log = logging.getLogger(__name__)
@@ -114,11 +115,7 @@ class BatchedModel:
         kv_unified: bool = False,
         flash_attn: bool | None = None,
         grammar_cache: GrammarCache | None = None,
-        draft: bool = True,
-        draft_n_max: int = 8,
-        draft_ngram_max: int = 4,
-        draft_ngram_min: int = 2,
-        jump_forward: bool = False,
+        draft: DraftPolicy | None = DEFAULT_DRAFT,
     ) -> None:
         self.spec = spec
         self.slots_n = slots
@@ -144,7 +141,7 @@ class BatchedModel:
             else copy_threshold(spec.n_ctx, self.llama.kv_bytes_per_token(), self.llama.n_params())
         )
         self._slots = SlotTable(slots, self.llama, copy_min)
-        self._speculator = self._make_speculator(draft, draft_n_max, draft_ngram_max, draft_ngram_min, jump_forward)
+        self._speculator = self._make_speculator(draft)
         self.n_drafted = 0  # draft tokens verified, and accepted (for /metrics)
         self.n_draft_accepted = 0
         self.created = int(time.time())
@@ -166,15 +163,13 @@ class BatchedModel:
     def name(self) -> str:
         return self.spec.name
 
-    def _make_speculator(
-        self, draft: bool, n_max: int, ngram_max: int, ngram_min: int, jump_forward: bool
-    ) -> Speculator | None:
-        if not draft:
+    def _make_speculator(self, draft: DraftPolicy | None) -> Speculator | None:
+        if draft is None:
             return None
         if not self.llama.can_truncate():
             log.info("%s: no speculative decoding (its KV cannot drop rejected draft tokens)", self.spec.name)
             return None
-        return Speculator(n_max, ngram_max, ngram_min, jump_forward)
+        return draft.speculator()
 
     # -- request side (event loop, or any thread) ---------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -418,7 +413,10 @@ class BatchedModel:
         step = self._batch.build(slots)
         if not step.n_tokens:
             return
+        t0 = time.perf_counter()
         self.llama.decode(self._batch.batch)
+        if self._speculator is not None and not step.reading:  # what a row costs, for the drafts' worth
+            self._speculator.cost.observe(step.n_tokens, time.perf_counter() - t0)
         self.n_decode += 1
         self.n_decoded_seqs += len(slots)
         ctx = self.llama.ctx
@@ -443,10 +441,11 @@ class BatchedModel:
         generating = self._batch.generating(slots)
         room = self._batch.n_batch - len(generating)
         n_ctx = self.spec.n_ctx
+        plan = speculator.plan(len(generating))
         for s in generating:
             if s.drafting is not None:
                 limit = min(room, s.max_tokens - s.n_decoded - 1, n_ctx - len(s.cache) - 2)
-                room -= len(speculator.propose(s.drafting, s.cache, s.next_token, limit))
+                room -= len(speculator.propose(s.drafting, s.cache, s.next_token, limit, plan))
 
     def _sample(self, s: Slot, ctx: object) -> None:
         """Sample a slot's rows in order (``next_token``'s, then each drafted token's) with its own chain, emitting
@@ -587,11 +586,7 @@ class BatchedEngine(ModelPool):
         prompt_chunk: int = 128,
         kv_unified: bool = False,
         flash_attn: bool | None = None,
-        draft: bool = True,
-        draft_n_max: int = 8,
-        draft_ngram_max: int = 4,
-        draft_ngram_min: int = 2,
-        jump_forward: bool = False,
+        draft: DraftPolicy | None = DEFAULT_DRAFT,
     ) -> None:
         scheduler = Scheduler()
         self.grammar_cache = GrammarCache()
@@ -609,10 +604,6 @@ class BatchedEngine(ModelPool):
                 flash_attn=flash_attn,
                 grammar_cache=self.grammar_cache,
                 draft=draft,
-                draft_n_max=draft_n_max,
-                draft_ngram_max=draft_ngram_max,
-                draft_ngram_min=draft_ngram_min,
-                jump_forward=jump_forward,
             )
             self._batched[spec.name] = model
             return model

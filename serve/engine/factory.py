@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from edgellm.serve.engine.base import Engine
 from edgellm.serve.engine.specs import ModelSpec
+from edgellm.serve.engine.speculative import DEFAULT_DRAFT, DraftPolicy
 
 if TYPE_CHECKING:
     from edgellm.serve.engine.batched import BatchedEngine
@@ -25,18 +26,14 @@ def build_engine(
     max_loaded: int = 2,
     keep_alive: float = 300.0,
     load_timeout: float = 120.0,
-    draft: bool = True,
-    draft_n_max: int = 8,
-    draft_ngram_max: int = 4,
-    draft_ngram_min: int = 2,
-    jump_forward: bool = False,
+    draft: DraftPolicy | None = DEFAULT_DRAFT,
 ) -> Engine:
     """Load every model (blocking: call it off the event loop). ``batched``: continuous batching, ``slots``
     sequences per model; ``serial``: one request at a time per model (``slots`` is ignored). ``queue_size``
     requests may wait per model; beyond that, ``submit`` raises ``EngineOverloadedError``.
 
-    ``draft``..``jump_forward`` (batched only): speculative decoding from the context and jump-forward under
-    grammars, see ``BatchedModel`` and ``speculative.py``.
+    ``draft`` (batched only): how speculative decoding from the context (and jump-forward under grammars) drafts,
+    ``None`` for not at all; see ``speculative.py``.
 
     ``catalog``: further models, loaded on their first request (``ModelPool.serve_on_demand``: at most
     ``max_loaded`` at once, unloaded after ``keep_alive`` idle seconds, a request waits ``load_timeout`` s)."""
@@ -56,10 +53,6 @@ def build_engine(
             slots=slots,
             queue_size=queue_size,
             draft=draft,
-            draft_n_max=draft_n_max,
-            draft_ngram_max=draft_ngram_max,
-            draft_ngram_min=draft_ngram_min,
-            jump_forward=jump_forward,
         )
     else:
         from edgellm.serve.engine.serial import SerialEngine
