@@ -132,6 +132,25 @@ def test_slot_choice_prefers_the_longest_cached_prefix_then_the_lowest_slot() ->
     assert table.n_free() == 2 and [s.seq_id for s in table.active] == [1]
 
 
+def test_a_new_conversation_does_not_overwrite_another_that_shares_only_its_system_prompt() -> None:
+    system = list(range(100, 120))
+    table = SlotTable(3, FakeMemory(), copy_min_tokens=16)
+    table.slots[0].cache = [*system, *range(200, 400)]  # a conversation: system prompt + 200 tokens
+    table.slots[1].cache = [*system, *range(400, 500)]
+    # an empty slot keeps both conversations (the system prompt is copied from a slot in reuse_prefix)
+    first = table.assign(job([*system, 7, 8, 9]))
+    assert first.seq_id == 2
+    # the next turn of a conversation still finds its own slot
+    assert table.assign(job([*system, *range(200, 400), 5, 6])).seq_id == 0
+    table.release(table.slots[0])
+    table.release(table.slots[2])
+    # every free slot holds another conversation of the same length: the least recently used one is overwritten
+    for slot, start, used in zip(table.slots, (200, 400, 600), (5, 3, 9), strict=True):
+        slot.cache = [*system, *range(start, start + 200)]
+        slot.last_used = used
+    assert table.assign(job([*system, 1, 2])).seq_id == 1
+
+
 def test_reuse_prefix_keeps_the_shared_prefix_and_drops_the_rest() -> None:
     memory = FakeMemory()
     table = SlotTable(1, memory, copy_min_tokens=16)

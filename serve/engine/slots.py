@@ -4,9 +4,11 @@ slot a new request gets.
 A slot keeps its KV after its request ends, so the next request that shares a prefix with it does not recompute
 that prefix:
 
-- **choice of slot**: a request takes the free slot whose cached tokens share the longest prefix with its prompt
-  (the next turn of a chat reuses its own KV); ties go to the lowest slot, so sequences stay in id order, which is
-  the batch's order (llama.cpp decodes one ubatch per run of consecutive sequence ids with equal token counts);
+- **choice of slot**: a request takes the free slot that keeps the most of its prompt and loses the least of what
+  others may reuse: the cached tokens it shares with the prompt, less half of those it would overwrite (the next
+  turn of a chat takes its own slot; a new conversation takes an empty slot, or the least recently used among those
+  it would cost as much, rather than a slot holding another conversation that only shares the system prompt, whose
+  few shared tokens a prefix copy brings over anyway). Ties go to the lowest slot;
 - **prefix copy**: if another slot holds a longer prefix (the same system prompt, another user), its KV is copied
   into the chosen slot instead of being recomputed, when that is cheaper (``copy_threshold``);
 - whatever the slot holds past the shared prefix is removed from its KV;
@@ -63,6 +65,13 @@ def _shared(slot: Slot, tokens: list[int], key: LoraKey) -> int:
     return common_prefix(slot.cache, tokens) if slot.kv_key == key else 0
 
 
+def _fit(slot: Slot, tokens: list[int], key: LoraKey) -> tuple[float, int, int]:
+    """How well a free slot suits a prompt (higher is better): cached tokens kept, less half of those overwritten;
+    then the least recently used; then the lowest slot."""
+    shared = _shared(slot, tokens, key)
+    return (shared - (len(slot.cache) - shared) / 2, -slot.last_used, -slot.seq_id)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -85,6 +94,7 @@ class Slot:
         self.seq_id = seq_id
         self.cache: list[int] = []  # tokens whose K/V this sequence holds, at positions 0..len-1
         self.kv_key: LoraKey = ()  # the LoRA adapter set that KV was computed with
+        self.last_used = 0  # when a request last took this slot (the table's counter)
         self.job: Job | None = None
         # the request being served
         self.pending: list[int] = []  # prompt tokens not evaluated yet
@@ -117,18 +127,21 @@ class SlotTable:
         self.active: list[Slot] = []
         self._memory = memory
         self._copy_min_tokens = copy_min_tokens
+        self._uses = 0
 
     def n_free(self) -> int:
         return len(self.slots) - len(self.active)
 
     def assign(self, job: Job) -> Slot:
-        """Give ``job`` the free slot with the longest cached prefix of its prompt, computed with its adapter set
-        (ties: the lowest slot)."""
+        """Give ``job`` the free slot that suits its prompt best (see the module docstring: the most of its prompt
+        cached under its adapter set, the least of other prompts lost; then the least recently used)."""
         free = [s for s in self.slots if s.job is None]
         if not free:
             raise RuntimeError("no free slot")  # callers check n_free() first
         key = lora_key(job.lora)
-        best = max(free, key=lambda s: (_shared(s, job.tokens, key), -s.seq_id))
+        best = max(free, key=lambda s: _fit(s, job.tokens, key))
+        self._uses += 1
+        best.last_used = self._uses
         best.job = job
         self.active.append(best)
         self.active.sort(key=lambda s: s.seq_id)
