@@ -115,6 +115,28 @@ def test_sse_framing_on_the_wire(server: str) -> None:
     assert "timings" in chunks[-1]
 
 
+def test_timings_report_drafted_tokens(server: str, request: pytest.FixtureRequest) -> None:
+    """llama-server's `draft_n` / `draft_n_accepted` in the timings of a request that copies its prompt: the batched
+    engine drafts from the context (at least a probe); the serial one does not, and says nothing of drafts."""
+    text = "The river runs past the old mill, under the stone bridge, and on to the sea at Leeford harbour."
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Repeat this sentence exactly: {text}"}],
+        "max_tokens": 48,
+        "temperature": 0,
+    }
+    batched = request.node.callspec.params["server"] == "batched"
+    plain = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60).json()["timings"]
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body | {"stream": True}, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = next(e["timings"] for e in reversed(events) if "timings" in e)
+    for t in (plain, streamed):
+        if batched:
+            assert 1 <= t["draft_n"] and 0 <= t["draft_n_accepted"] <= t["draft_n"], t
+        else:
+            assert "draft_n" not in t, t
+
+
 def test_seed_and_greedy_are_reproducible(client: openai.OpenAI) -> None:
     a = ask(client, "Tell me a short story about a cat.", max_tokens=24)
     assert a == ask(client, "Tell me a short story about a cat.", max_tokens=24)

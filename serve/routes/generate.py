@@ -50,9 +50,14 @@ async def _sse(generation: Generation, fmt: Format, include_usage: bool) -> Asyn
             elif isinstance(event, ToolCallDelta):
                 yield _event(dumps(fmt.tool_call_chunk(event)))
             elif isinstance(event, Finished):
-                yield _event(dumps(fmt.final_chunk(event)))
-                if include_usage and fmt.done():
-                    yield _event(dumps(fmt.usage_chunk()))
+                chunk = fmt.final_chunk(event)
+                if fmt.done():  # the response's timings ride on its last chunk, as llama-server's do
+                    if include_usage:
+                        yield _event(dumps(chunk))
+                        chunk = fmt.usage_chunk()
+                    else:
+                        chunk["timings"] = fmt.timings()
+                yield _event(dumps(chunk))
         yield _event("[DONE]")
     except Exception as e:  # the response has started: report the error in-band, like llama-server
         err = to_api_error(e)

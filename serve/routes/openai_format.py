@@ -62,6 +62,8 @@ def _timings(finished: list[Finished]) -> dict[str, float | int]:
         predicted_n=sum(x.predicted_n for x in t),
         predicted_ms=max((x.predicted_ms for x in t), default=0.0),
         cache_n=sum(x.cache_n for x in t),
+        draft_n=sum(x.draft_n for x in t),
+        draft_n_accepted=sum(x.draft_n_accepted for x in t),
     ).as_dict()
 
 
@@ -187,7 +189,11 @@ class _Format:
         return len(self._finished) >= self.n
 
     def usage_chunk(self) -> dict[str, Any]:
-        return self._chunk([], usage=_usage(self._finished), timings=_timings(self._finished))
+        return self._chunk([], usage=_usage(self._finished), timings=self.timings())
+
+    def timings(self) -> dict[str, float | int]:
+        """The response's timings (llama-server's), once every choice has finished."""
+        return _timings(self._finished)
 
 
 class ChatFormat(_Format):
