@@ -118,16 +118,16 @@ def bench_personas(
             "personas": [{"name": p, "base": "base", "adapters": [{"path": str(a.absolute())}]}
                          for p, a in zip(personas, adapters, strict=True)],
         }
-        copies = []
+        copies: list[dict[str, Any]] = []
         for i in range(n):  # N files of the base's size: what N merged GGUFs cost
             copy = folder / f"merged{i}.gguf"
             shutil.copyfile(base, copy)
             copies.append({"name": f"merged{i}", "path": str(copy), **model})
-        configs = [
+        configs: list[tuple[str, dict[str, Any], list[str]]] = [
             ("base", with_personas, ["base"] * n),
             ("1 persona", with_personas, [personas[0]] * n),
             (f"{n} personas", with_personas, personas),
-            (f"{n} merged", {**common, "models": copies}, [c["name"] for c in copies]),
+            (f"{n} merged", {**common, "models": copies}, [str(c["name"]) for c in copies]),
         ]
         for name, settings, streams in configs:
             log.info("bench personas: %s (%d streams)", name, n)
