@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -75,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from edgellm.errors import UserFacingError
 
+    if args.command == "bench":
+        # a benchmark stopped with SIGTERM (`kill`, a CI timeout) unwinds like Ctrl-C, so the servers it started
+        # are stopped by their context managers instead of left running
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.func(args) or 0)
     except UserFacingError as e:

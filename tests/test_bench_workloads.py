@@ -133,3 +133,40 @@ def test_one_workload_against_llama_server_drafting_off_and_on(default_gguf: Pat
     assert off.draft_n is None  # no drafting, no draft counts
     # greedy both ways: drafting changes the speed, not the answer (llama.cpp's batch-size rounding aside)
     assert on.samples[0][:20] == off.samples[0][:20]
+
+
+def test_sigterm_stops_the_servers_a_bench_started(default_gguf: Path, tmp_path: Path) -> None:
+    """`kill` (or a CI timeout) on a running bench unwinds it like Ctrl-C: the servers it started do not outlive it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    children: list[psutil.Process] = []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgellm", "bench", "workloads", "--edgellm", "--model", str(default_gguf),
+         "--threads", "1", "--slots", "1", "--ctx", "1024", "--levels", "1", "--rounds", "50",
+         "--workloads", "chat", "--requests", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not children:
+            assert proc.poll() is None and time.monotonic() < deadline, "the bench ended before starting a server"
+            children = [c for c in psutil.Process(proc.pid).children(recursive=True) if "serve" in c.cmdline()]
+            time.sleep(0.2)
+        time.sleep(2)  # let it get going
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err.decode()[-2000:]
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"servers left running after the bench was stopped: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for c in children:
+            if c.is_running():
+                c.kill()
