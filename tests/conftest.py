@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,16 @@ def default_gguf() -> Path:
 
     return pull("default")
 
+
+@pytest.fixture(scope="session")
+def chat_server(default_gguf: Path) -> Iterator[str]:
+    """One real `edgellm serve` (batched engine, the default GGUF, n_ctx 1024, no reranker or embedder) shared by the
+    modules that test the chat API over HTTP (logit bias, logprobs, n choices, tools, structured output, bench serve),
+    which each started this same server of their own. Started on first use, stopped at the end of the session."""
+    from tests.servers import running_server
+
+    with running_server("--engine", "batched", "--set", "models.0.n_ctx=1024", "--no-reranker", "--no-embedder") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -167,11 +167,8 @@ def test_the_whole_run_is_bounded_in_time() -> None:
 # -- a real server ------------------------------------------------------------------------------------------------
 
 
-def test_bench_serve_measures_edgellm_serve(default_gguf: Path, tmp_path: Path) -> None:
-    from tests.servers import running_server
-
-    with running_server("--set", "models.0.n_ctx=1024", "--no-reranker", "--no-embedder") as url:
-        report = bench_serve(url, concurrency=[1, 2], requests=3, max_tokens=8, timeout=120, out=tmp_path)
+def test_bench_serve_measures_edgellm_serve(chat_server: str, tmp_path: Path) -> None:
+    report = bench_serve(chat_server, concurrency=[1, 2], requests=3, max_tokens=8, timeout=120, out=tmp_path)
     assert report.model == "smollm2-135m-instruct"  # found through /v1/models
     for level in report.levels:
         assert level.errors == {}, level.error_examples

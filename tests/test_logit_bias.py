@@ -14,7 +14,6 @@ import pytest
 from edgellm.serve.engine.base import ChatMessage, GenerationRequest, SamplingParams, TextDelta, TokenLogprob
 from edgellm.serve.engine.batched import BatchedEngine
 from edgellm.serve.engine.specs import ModelSpec
-from tests.servers import running_server
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France?"
@@ -78,9 +77,8 @@ def test_bias_with_a_grammar(engine: BatchedEngine) -> None:
 
 # -- the real server ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(default_gguf: Path) -> Iterator[str]:
-    with running_server("--set", "models.0.n_ctx=1024", "--no-reranker", "--no-embedder") as url:
-        yield url
+def server(chat_server: str) -> str:
+    return chat_server  # the session's shared server (tests/conftest.py)
 
 
 def test_openai_client_logit_bias(server: str, engine: BatchedEngine) -> None:

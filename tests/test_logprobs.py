@@ -17,7 +17,6 @@ from edgellm.serve.engine.base import Finished, GenerationRequest, SamplingParam
 from edgellm.serve.engine.batched import BatchedEngine
 from edgellm.serve.engine.logprobs import LogprobQueue, token_logprob
 from edgellm.serve.engine.specs import ModelSpec
-from tests.servers import running_server
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The three primary colors are"
@@ -127,9 +126,8 @@ def test_stop_string_drops_the_logprobs_of_the_cut_text(engine: BatchedEngine) -
 
 # -- OpenAI's shapes on the real server --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(default_gguf: Path) -> Iterator[str]:
-    with running_server("--set", "models.0.n_ctx=1024", "--no-reranker", "--no-embedder") as url:
-        yield url
+def server(chat_server: str) -> str:
+    return chat_server  # the session's shared server (tests/conftest.py)
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from edgellm.serve.engine.base import (
 from edgellm.serve.engine.batched import BatchedEngine
 from edgellm.serve.engine.specs import ModelSpec
 from edgellm.serve.schemas import NEUTRAL
-from tests.servers import running_server
 
 MODEL = "smollm2-135m-instruct"
 
@@ -120,9 +119,8 @@ def test_serial_engine_refuses_what_needs_the_batched_one(default_gguf: Path) ->
 
 # -- the real server ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(default_gguf: Path) -> Iterator[str]:
-    with running_server("--set", "models.0.n_ctx=1024", "--no-reranker", "--no-embedder") as url:
-        yield url
+def server(chat_server: str) -> str:
+    return chat_server  # the session's shared server (tests/conftest.py)
 
 
 @pytest.fixture

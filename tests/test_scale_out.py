@@ -561,6 +561,10 @@ def test_sigterm_drains_a_replica_without_failing_a_request(cluster: Cluster) ->
         cluster.restart("r3")
 
 
+# A measurement (its figures are printed, not asserted): `make test-slow`. In the default run, bench serve against a
+# real server is tests/test_bench_serve.py::test_bench_serve_measures_edgellm_serve, and requests through the
+# balancer to every replica are the other tests here (test_sse_passes_through_unbuffered, the session-key tests).
+@pytest.mark.slow
 def test_throughput_three_replicas_against_one(cluster: Cluster) -> None:
     """`edgellm bench serve` through the balancer: one replica (the others in maintenance), then three, at one
     thread each; with the CPU time the replicas used, for tokens per CPU-second (per core). Printed, not asserted:

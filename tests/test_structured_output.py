@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgellm.serve.engine.base import Grammar, InvalidRequestError
 from edgellm.serve.engine.grammar import GrammarCache, SchemaError, check_schema, schema_grammar
-from tests.servers import running_server
 
 MODEL = "smollm2-135m-instruct"
 
@@ -248,9 +247,8 @@ def test_invalid_gbnf_is_refused_before_queueing(probe: GrammarProbe) -> None:
 
 # -- a real server, the openai client ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(default_gguf: Path) -> Iterator[str]:
-    with running_server("--engine", "batched", "--set", "models.0.n_ctx=1024", "--no-reranker", "--no-embedder") as url:
-        yield url
+def server(chat_server: str) -> str:
+    return chat_server  # the session's shared server (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -266,12 +264,17 @@ SUBJECTS = [
 ]
 
 
-def _many(fn: Any, n: int = 20) -> list[Any]:
+def _many(fn: Any, n: int) -> list[Any]:
     with ThreadPoolExecutor(4) as pool:  # the server's four slots, busy together
         return list(pool.map(fn, range(n)))
 
 
-def test_json_object_mode_always_parses(client: openai.OpenAI) -> None:
+# Answers per test: 8 (two rounds of the four slots) by default, all 20 subjects under `make test-slow`.
+SAMPLES = [pytest.param(8, id="8"), pytest.param(len(SUBJECTS), id=f"{len(SUBJECTS)}", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("n", SAMPLES)
+def test_json_object_mode_always_parses(client: openai.OpenAI, n: int) -> None:
     def one(i: int) -> tuple[str, str | None]:
         r = client.chat.completions.create(
             model=MODEL,
@@ -283,12 +286,14 @@ def test_json_object_mode_always_parses(client: openai.OpenAI) -> None:
         )
         return r.choices[0].message.content or "", r.choices[0].finish_reason
 
-    answers = _many(one)
+    answers = _many(one, n)
+    assert len(answers) == n
     for text, finish in answers:
         assert finish in ("stop", "length")
         assert isinstance(json.loads(text), dict), text
 
 
+@pytest.mark.parametrize("n", SAMPLES)
 @pytest.mark.parametrize(
     ("name", "schema", "model", "prompt"),
     [
@@ -298,7 +303,7 @@ def test_json_object_mode_always_parses(client: openai.OpenAI) -> None:
     ],
 )
 def test_json_schemas_always_validate(
-    client: openai.OpenAI, name: str, schema: dict[str, Any], model: type[BaseModel], prompt: str
+    client: openai.OpenAI, name: str, schema: dict[str, Any], model: type[BaseModel], prompt: str, n: int
 ) -> None:
     def one(i: int) -> tuple[str, str | None]:
         r = client.chat.completions.create(
@@ -311,7 +316,8 @@ def test_json_schemas_always_validate(
         )
         return r.choices[0].message.content or "", r.choices[0].finish_reason
 
-    answers = _many(one)
+    answers = _many(one, n)
+    assert len(answers) == n
     for text, finish in answers:
         assert finish in ("stop", "length")
         model.model_validate_json(text, strict=True)

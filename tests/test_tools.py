@@ -32,7 +32,6 @@ from edgellm.serve.engine.tools import (
     tool_list,
     trigger_pattern,
 )
-from tests.servers import running_server
 from tests.test_structured_output import GrammarProbe
 
 MODEL = "smollm2-135m-instruct"
@@ -253,9 +252,8 @@ def test_lazy_grammar_leaves_text_free_and_constrains_a_started_call(probe: Gram
 
 # -- the real server ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(default_gguf: Path) -> Iterator[str]:
-    with running_server("--engine", "batched", "--set", "models.0.n_ctx=1024", "--no-reranker", "--no-embedder") as url:
-        yield url
+def server(chat_server: str) -> str:
+    return chat_server  # the session's shared server (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +276,10 @@ def _check_calls(message: Any, allowed: set[str]) -> None:
     assert len(set(ids)) == len(ids)
 
 
-def test_forced_and_required_calls_have_valid_arguments(client: openai.OpenAI) -> None:
+# Requests: 8 (each of the four tool_choice / parallel_tool_calls combinations twice) by default, 20 under
+# `make test-slow`.
+@pytest.mark.parametrize("n", [pytest.param(8, id="8"), pytest.param(20, id="20", marks=pytest.mark.slow)])
+def test_forced_and_required_calls_have_valid_arguments(client: openai.OpenAI, n: int) -> None:
     def one(i: int) -> tuple[Any, str | None]:
         choice: Any = {"type": "function", "function": {"name": "get_weather"}} if i % 2 else "required"
         r = client.chat.completions.create(
@@ -294,7 +295,8 @@ def test_forced_and_required_calls_have_valid_arguments(client: openai.OpenAI) -
         return r.choices[0].message, r.choices[0].finish_reason
 
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(one, range(20)))
+        answers = list(pool.map(one, range(n)))
+    assert len(answers) == n
     for i, (message, finish) in enumerate(answers):
         assert finish in ("tool_calls", "length"), (finish, message)
         assert message.content is None

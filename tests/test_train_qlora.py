@@ -66,11 +66,20 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_qlora_steps_lower_the_loss_and_write_the_run(tmp_path: Path, tiny_llama: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    """One 8-step run on the tiny Llama (20 examples), trained once for the two tests that read it; the merge test
+    only adds merged/ and merge_report.json beside what the first test checks."""
     from edgellm.train.qlora import train
 
-    [run] = train(_recipe(tmp_path, tiny_llama, _data(tmp_path, 20)))
-    assert run == tmp_path / "runs" / "t"
+    tmp = tmp_path_factory.mktemp("qlora")
+    [run] = train(_recipe(tmp, tiny_llama, _data(tmp, 20)))
+    assert run == tmp / "runs" / "t"
+    return run
+
+
+def test_qlora_steps_lower_the_loss_and_write_the_run(tiny_run: Path) -> None:
+    run = tiny_run
     val = [m["val_loss"] for m in _metrics(run) if "val_loss" in m]
     assert len(val) == 3 and val[0] - val[1] > 0.05 and val[1] - val[2] > 0.01, val
     for name in (
@@ -124,16 +133,15 @@ def test_an_evaluation_does_not_break_4bit_training(tiny_llama: Path) -> None:
         torch.testing.assert_close(after[name], before[name], msg=name)
 
 
-def test_merge_is_16_bit_unquantized_and_matches_the_adapter(tmp_path: Path, tiny_llama: Path) -> None:
+def test_merge_is_16_bit_unquantized_and_matches_the_adapter(tiny_run: Path, tiny_llama: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
     from edgellm.train.config import QuantSettings
     from edgellm.train.merge import merge_run
     from edgellm.train.modeling import load_live_adapter
-    from edgellm.train.qlora import train
 
-    [run] = train(_recipe(tmp_path, tiny_llama, _data(tmp_path, 20)))
+    run = tiny_run
     ids = torch.tensor([[1, 504, 3458, 28, 940, 314, 253, 1978, 2]])
 
     def logits(model) -> torch.Tensor:
@@ -179,8 +187,10 @@ def test_a_killed_run_resumes_from_its_checkpoint(
 
     from edgellm.train.qlora import train
 
-    data = _data(tmp_path, 40)
-    recipe = _recipe(tmp_path, tiny_llama, data, max_steps=16, save_every=3, eval_every=8, batch_size=2)
+    # 12 training examples in batches of 2: the run enters its second epoch after step 6, so the resumed run must
+    # restore its place in the data and take the second epoch's order as the uninterrupted run does.
+    data = _data(tmp_path, 20)
+    recipe = _recipe(tmp_path, tiny_llama, data, max_steps=8, save_every=3, eval_every=4, batch_size=2)
     ckpts = tmp_path / "runs" / "t" / "checkpoints"
     code = f"from edgellm.train.qlora import train; train({str(recipe)!r})"
     with subprocess.Popen(
@@ -198,14 +208,15 @@ def test_a_killed_run_resumes_from_its_checkpoint(
                 proc.kill()
     done = sorted(p.name for p in ckpts.glob("step-*"))
     killed_at = int(done[-1].split("-")[1])
-    assert 3 <= killed_at < 16
+    assert 3 <= killed_at < 8
 
     with caplog.at_level(logging.INFO, logger="edgellm.train.qlora"):
         [run] = train(recipe)
     records = [r.getMessage() for r in caplog.records]
     assert any(f"(step {killed_at})" in m and "resuming from" in m for m in records), records
     steps = [m["step"] for m in _metrics(run) if "loss" in m]
-    assert steps == list(range(1, 17))  # each step once: nothing redone, nothing skipped
+    assert steps == list(range(1, 9))  # each step once: nothing redone, nothing skipped
+    assert {m["epoch"] for m in _metrics(run) if "loss" in m} == {0, 1}  # steps in the first epoch and in the second
 
     fresh = yaml.safe_load(recipe.read_text()) | {"name": "fresh"}
     recipe.write_text(yaml.safe_dump(fresh))
