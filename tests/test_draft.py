@@ -358,3 +358,20 @@ def test_without_the_cost_model_every_match_is_drafted() -> None:
     seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]
     sd = spec.start(n_prompt=len(seq), grammar=None)
     assert spec.propose(sd, seq[:-1], seq[-1], limit=8) == [4, 5, 6, 7]  # AdaptiveK's first k
+
+
+def test_no_probes_where_even_a_good_copy_would_not_pay() -> None:
+    from edgellm.serve.engine.speculative import Speculator
+
+    spec = Speculator(n_max=8)
+    # four streams on 2 cores, split KV: 4 rows 26 ms, a fifth row +10 ms (another ubatch), then ~5.5 ms a row
+    measured(spec.cost, {4: 0.026, 5: 0.0367, 8: 0.0565, 12: 0.079})
+    seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]
+    sd = spec.start(n_prompt=len(seq), grammar=None)
+    drafts = [spec.propose(sd, seq[:-1], seq[-1], limit=8, plan=spec.plan(4)) for _ in range(50)]
+    assert drafts == [[]] * 50 and sd.n_drafted == 0
+    # at one stream the same slot probes at its first match
+    spec1 = Speculator(n_max=8)
+    measured(spec1.cost, SMOLLM2)
+    sd1 = spec1.start(n_prompt=len(seq), grammar=None)
+    assert spec1.propose(sd1, seq[:-1], seq[-1], limit=8, plan=spec1.plan(1)) == [4]

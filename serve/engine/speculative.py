@@ -39,8 +39,9 @@ the step yield the most tokens per second: ``(tokens + alpha + alpha^2 + ... + a
 ``alpha`` the slot's own per-token acceptance (recent drafts weigh most, a prior of 1/2) and the step's rows and
 expected tokens including the drafts already chosen (``StepPlan``). A slot whose drafts do not pay sends a one-token
 probe now and then (after 4 steps with a match, then 8, 16, ... 256 while probes keep failing; at once again after
-an accepted one, whose row brought a token) to notice when copying starts. Free chat thus decodes as without
-drafting, and a copy drafts where the measured costs say it pays.
+an accepted one, whose row brought a token) to notice when copying starts, but only where a draft would pay for a
+good copy (95% per token): with four streams in the batch on this box, a row costs so much that nothing drafts or
+probes. Free chat thus decodes as without drafting, and a copy drafts where the measured costs say it pays.
 
 **Budget.** A slot drafts at most ``min(k, tokens left - 1, context left - 2)`` tokens, so neither ``max_tokens``
 nor ``n_ctx`` can be passed, and drafts take batch rows before prompt chunks do.
@@ -61,6 +62,7 @@ GRAMMAR_NGRAM = 3  # tokens of context that key a grammar's learned continuation
 GRAMMAR_CACHES = 32  # grammars whose continuations are kept (least recently used out)
 ALPHA_DECAY = 0.9  # weight of a slot's earlier drafts in its acceptance estimate, per verified draft
 PROBE_GAP = (4, 256)  # steps with a match between probes of a slot that does not draft: first, longest
+ALPHA_COPY = 0.95  # per-token acceptance of a good copy: a slot probes only where a draft would pay at this rate
 
 
 class StepCost:
@@ -277,7 +279,8 @@ class Speculator:
             if worth > 0:
                 sd.draft = sd.drafter.draft(worth)
                 sd.idle = 0
-            elif sd.drafter.draft(1):  # a match, but not worth its rows: probe now and then
+            elif sd.drafter.draft(1) and best_draft(self.cost, plan, ALPHA_COPY, k):
+                # a match, not worth its rows at this slot's acceptance, but it would be for a copy: probe now and then
                 sd.idle += 1
                 if sd.idle > sd.probe_gap:
                     sd.draft = sd.drafter.draft(1)
