@@ -253,6 +253,13 @@ class ServeSettings(_Strict):
         "batched", description="batched: continuous batching (default); serial: one request at a time per model"
     )
     slots: int = Field(4, ge=1, le=64, description="batched engine: sequences decoded together per model")
+    prompt_chunk: int = Field(
+        128,
+        ge=16,
+        le=8192,
+        description="batched engine: prompt tokens read per step while other streams generate (larger: more "
+        "throughput with long prompts, longer pauses in the other streams)",
+    )
     queue_size: int = Field(64, ge=0, description="requests allowed to wait per model; beyond it: 503")
     models: list[ModelSettings] = Field(
         default_factory=list, description="models loaded at start and kept loaded (may be empty with models_dir)"

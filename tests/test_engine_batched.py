@@ -481,3 +481,22 @@ def test_server_concurrent_streams_are_whole(one_slot_server: str) -> None:
     assert len(outcomes) == 4
     assert {s for s, _ in outcomes} <= {200, 503} and (200, 8) in outcomes
     assert all(n == 8 for s, n in outcomes if s == 200)
+
+
+def test_prompt_chunk_is_a_setting_that_reaches_the_batch(default_gguf: Path) -> None:
+    from edgellm.config import ConfigError
+    from edgellm.serve.engine.factory import build_engine
+    from edgellm.serve.settings import load_serve_settings
+
+    models = {"models": [{"name": "m", "path": str(default_gguf)}]}
+    settings = load_serve_settings(None, {**models, "prompt_chunk": 512}, environ={})
+    assert settings.prompt_chunk == 512
+    assert load_serve_settings(None, models, environ={}).prompt_chunk == 128
+    with pytest.raises(ConfigError, match="prompt_chunk"):
+        load_serve_settings(None, {**models, "prompt_chunk": 8}, environ={})
+    spec = ModelSpec(name="m", path=default_gguf, n_ctx=512, n_threads=1)
+    engine = build_engine("batched", [spec], slots=2, prompt_chunk=settings.prompt_chunk)
+    try:
+        assert engine._batched["m"]._batch.prompt_chunk == 512  # type: ignore[attr-defined]
+    finally:
+        asyncio.run(engine.close())

@@ -21,6 +21,7 @@ def build_engine(
     specs: Sequence[ModelSpec],
     *,
     slots: int = 4,
+    prompt_chunk: int = 128,
     queue_size: int = 64,
     catalog: Callable[[], list[ModelSpec]] | None = None,
     max_loaded: int = 2,
@@ -29,7 +30,8 @@ def build_engine(
     draft: DraftPolicy | None = DEFAULT_DRAFT,
 ) -> Engine:
     """Load every model (blocking: call it off the event loop). ``batched``: continuous batching, ``slots``
-    sequences per model; ``serial``: one request at a time per model (``slots`` is ignored). ``queue_size``
+    sequences per model, reading at most ``prompt_chunk`` prompt tokens per step while others generate; ``serial``:
+    one request at a time per model (``slots`` and ``prompt_chunk`` are ignored). ``queue_size``
     requests may wait per model; beyond that, ``submit`` raises ``EngineOverloadedError``.
 
     ``draft`` (batched only): how speculative decoding from the context (and jump-forward under grammars) drafts,
@@ -51,6 +53,7 @@ def build_engine(
         engine: BatchedEngine | SerialEngine = BatchedEngine(
             list(specs),
             slots=slots,
+            prompt_chunk=prompt_chunk,
             queue_size=queue_size,
             draft=draft,
         )
