@@ -240,22 +240,16 @@ def _chat_speed(url: str, tokens: int, model: str | None = None) -> float:
 
 
 def _peak_rss_mb(url: str) -> float:
-    """VmHWM of the server process listening on ``url``'s port (found among this process's children)."""
+    """VmHWM of the server process listening on ``url``'s port (one of this process's children)."""
+    from edgellm.bench.servers import server_pid
+
+    pid = server_pid(url)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     import psutil
 
-    port = url.rsplit(":", 1)[1]
-    for child in psutil.Process().children(recursive=True):
-        try:
-            cmdline = child.cmdline()
-        except psutil.Error:
-            continue
-        if "serve" in cmdline and port in cmdline:
-            status = Path(f"/proc/{child.pid}/status").read_text()
-            for line in status.splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-            return float(child.memory_info().rss) / 2**20
-    raise BenchError(f"no server process on port {port} among this process's children")
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
 
 
 def table(result: RetrievalBench) -> str:
