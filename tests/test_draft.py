@@ -291,50 +291,83 @@ def test_step_cost_uses_measured_row_counts_and_a_fitted_slope_between_them() ->
 
 
 def test_the_best_draft_maximises_the_steps_tokens_per_second() -> None:
-    from edgellm.serve.engine.speculative import StepCost, StepPlan, best_draft, expected_accepted
+    from edgellm.serve.engine.speculative import StepCost, StepPlan, best_draft
 
-    assert expected_accepted(0.5, 3) == pytest.approx(0.5 + 0.25 + 0.125)
+    def gains(p: float, k: int = 8) -> list[float]:  # every token right with odds p
+        return [sum(p**i for i in range(1, j + 1)) for j in range(1, k + 1)]
+
     cost = StepCost()
     measured(cost, SMOLLM2)
     one = StepPlan(rows=1, tokens=1.0)
-    assert best_draft(cost, one, alpha=0.5, k_max=8) == 0  # chat: a second row costs as much as the first
-    assert best_draft(cost, one, alpha=0.75, k_max=8) == 0
-    assert 3 <= best_draft(cost, one, alpha=0.95, k_max=8) <= 8  # a copy: long drafts pay
+    assert best_draft(cost, one, gains(0.5)) == 0  # chat: a second row costs as much as the first
+    assert best_draft(cost, one, gains(0.75)) == 0
+    assert 3 <= best_draft(cost, one, gains(0.95)) <= 8  # a copy: long drafts pay
+    assert best_draft(cost, one, gains(0.95, k=2)) == 2  # no longer than the guess
+    assert best_draft(cost, one, []) == 0
     four = StepPlan(rows=4, tokens=4.0)
     measured(cost, {4: 0.0261})
-    assert best_draft(cost, four, alpha=0.75, k_max=8) == 0  # four streams: a row delays all of them
-    assert best_draft(cost, four, alpha=0.99, k_max=8) >= 1
+    assert best_draft(cost, four, gains(0.75)) == 0  # four streams: a row delays all of them
+    assert best_draft(cost, four, gains(0.99)) >= 1
     free = StepCost()
     measured(free, {1: 0.010, 2: 0.0101, 3: 0.0102, 5: 0.0104, 9: 0.0108})  # a big model: rows are nearly free
-    assert best_draft(free, StepPlan(rows=1, tokens=1.0), alpha=0.5, k_max=8) >= 4
+    assert best_draft(free, StepPlan(rows=1, tokens=1.0), gains(0.5)) >= 4
 
 
-def test_a_slot_that_does_not_pay_only_probes_and_a_copy_brings_drafting_back() -> None:
+def test_acceptance_odds_by_streak_and_match_length() -> None:
+    from edgellm.serve.engine.speculative import HALF_LIFE, STREAK_CAP, AcceptanceModel
+
+    odds = AcceptanceModel()
+    assert odds.p(0, 2) == 0.5  # the prior
+    for _ in range(18):
+        odds.observe(5, 4, True)
+    odds.observe(5, 4, False)
+    for _ in range(9):
+        odds.observe(0, 2, False)
+    assert odds.p(5, 4) == pytest.approx(19 / 21)
+    assert odds.p(0, 2) == pytest.approx(1 / 11)
+    assert odds.p(0, 4) == 0.5  # keys are separate
+    assert odds.p(5, 2) == pytest.approx(1 / 11)  # an unseen streak takes the odds of the streak below it
+    odds.observe(STREAK_CAP + 40, 3, True)
+    assert odds.p(STREAK_CAP, 3) == odds.p(STREAK_CAP + 7, 3) == pytest.approx(2 / 3)  # long streaks share a key
+    g = odds.gains(4, 4, 3)  # token j extends the streak to 4 + j: (4 -> 1/2), (5 -> 19/21), (6 -> as 5)
+    q = 19 / 21
+    assert g == pytest.approx([0.5, 0.5 + 0.5 * q, 0.5 + 0.5 * q + 0.5 * q * q])
+    for _ in range(4 * HALF_LIFE):  # counts halve: a change of workload shows within a few hundred guesses
+        odds.observe(0, 2, True)
+    assert odds.p(0, 2) > 0.95
+
+
+def test_guesses_teach_whether_drafted_or_not_and_a_copy_drafts_long() -> None:
     from edgellm.serve.engine.speculative import Speculator
 
     spec = Speculator(n_max=8)
     measured(spec.cost, SMOLLM2)
     seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]  # "4 5 6 ..." follows "1 2 3"
-    sd = spec.start(n_prompt=len(seq), grammar=None)
-    assert sd.alpha == 0.5
-    # the first step with a match probes (one token), since acceptance is unknown
-    assert spec.propose(sd, seq[:-1], seq[-1], limit=8) == [4] and sd.probing
-    sd.settle([9])  # the model chose something else: a miss
-    assert sd.alpha < 0.5 and not sd.probing
-    sd.drafter.truncate(len(seq))  # replay the same position (the drafter's index, not the model)
-    drafts = [spec.propose(sd, seq[:-1], seq[-1], limit=8) for _ in range(sd.probe_gap)]
-    assert drafts == [[]] * sd.probe_gap  # not worth it: no rows spent until the next probe is due
-    assert spec.propose(sd, seq[:-1], seq[-1], limit=8) == [4]  # the next probe
-    assert sd.n_drafted == 2
-    # a copy: drafts accepted raise alpha until long drafts pay
-    sd2 = spec.start(n_prompt=len(seq), grammar=None)
-    for _ in range(12):
-        d = spec.propose(sd2, seq[:-1], seq[-1], limit=8)
-        if d:
-            sd2.settle([*d, 0])
-            sd2.drafter.truncate(len(seq))  # replay the same position (the drafter's index, not the model)
-    assert sd2.alpha > 0.9
-    assert len(spec.propose(sd2, seq[:-1], seq[-1], limit=8)) >= 3
+    # free chat: the drafter guesses "4", the model says "0": at the prior's odds nothing is drafted, and the miss
+    # is learned at no cost
+    for _ in range(10):
+        sd = spec.start(n_prompt=len(seq), grammar=None)
+        assert spec.propose(sd, seq[:-1], seq[-1], limit=8) == [] and sd.guess == [4, 5, 6, 7, 8, 9, 1, 2]
+        sd.settle([0])
+        assert sd.streak == 0
+    assert spec.odds.p(0, 3) < 0.1 and sd.n_drafted == 0
+    # a copy: right guesses (not drafted) grow the streak; the odds learned at each streak make drafts pay
+    copy = list(range(100, 140))
+    prompt = [*copy, 7, 7, *copy[:3]]
+    for _ in range(6):  # six answers copying the passage, one token per step until drafting pays
+        sd = spec.start(n_prompt=len(prompt), grammar=None)
+        out = list(prompt)
+        while len(out) - len(prompt) + 3 < len(copy) - 9:
+            d = spec.propose(sd, out[:-1], out[-1], limit=8)
+            emitted = copy[len(out) - len(prompt) + 3 :][: len(d) + 1]
+            sd.settle(emitted)
+            out.extend(emitted)
+    assert spec.odds.p(6, 4) > 0.9  # 4-token matches, once the copy is 4 tokens in
+    quoting = [*copy, 7, 7, *copy[:4]]  # an answer 4 tokens into a quote, its last 4 guesses right
+    sd = spec.start(n_prompt=len(quoting), grammar=None)
+    sd.streak = 4
+    assert len(spec.propose(sd, quoting[:-1], quoting[-1], limit=8)) >= 4
+    assert spec.propose(sd, quoting[:-1], quoting[-1], limit=2) == copy[4:6]  # the budget caps it
 
 
 def test_drafts_in_one_step_are_weighed_together() -> None:
@@ -342,11 +375,13 @@ def test_drafts_in_one_step_are_weighed_together() -> None:
 
     spec = Speculator(n_max=8)
     measured(spec.cost, SMOLLM2)
+    for _ in range(200):  # a reliable copy at every streak
+        for streak in range(9):
+            spec.odds.observe(streak, 3, True)
     seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]
     plan = spec.plan(2)
     assert (plan.rows, plan.tokens) == (2, 2.0)
     sd = spec.start(n_prompt=len(seq), grammar=None)
-    sd.hits, sd.misses = 40.0, 0.0  # a reliable copy
     d = spec.propose(sd, seq[:-1], seq[-1], limit=8, plan=plan)
     assert d and plan.rows == 2 + len(d) and plan.tokens > 2.0
 
@@ -360,18 +395,19 @@ def test_without_the_cost_model_every_match_is_drafted() -> None:
     assert spec.propose(sd, seq[:-1], seq[-1], limit=8) == [4, 5, 6, 7]  # AdaptiveK's first k
 
 
-def test_no_probes_where_even_a_good_copy_would_not_pay() -> None:
+def test_four_streams_do_not_draft_where_even_a_good_copy_would_not_pay() -> None:
     from edgellm.serve.engine.speculative import Speculator
 
     spec = Speculator(n_max=8)
     # four streams on 2 cores, split KV: 4 rows 26 ms, a fifth row +10 ms (another ubatch), then ~5.5 ms a row
     measured(spec.cost, {4: 0.026, 5: 0.0367, 8: 0.0565, 12: 0.079})
+    for _ in range(200):
+        for streak in range(9):
+            spec.odds.observe(streak, 3, True)
     seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]
     sd = spec.start(n_prompt=len(seq), grammar=None)
+    sd.streak = 8
     drafts = [spec.propose(sd, seq[:-1], seq[-1], limit=8, plan=spec.plan(4)) for _ in range(50)]
     assert drafts == [[]] * 50 and sd.n_drafted == 0
-    # at one stream the same slot probes at its first match
-    spec1 = Speculator(n_max=8)
-    measured(spec1.cost, SMOLLM2)
-    sd1 = spec1.start(n_prompt=len(seq), grammar=None)
-    assert spec1.propose(sd1, seq[:-1], seq[-1], limit=8, plan=spec1.plan(1)) == [4]
+    # at one stream the same slot drafts
+    assert spec.propose(sd, seq[:-1], seq[-1], limit=8, plan=spec.plan(1))[:3] == [4, 5, 6]

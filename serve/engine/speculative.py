@@ -32,16 +32,22 @@ clients share a server.
 
 **Is a draft worth its rows?** Verifying a drafted token is not free on a CPU. ``StepCost`` keeps the measured time
 of a step by its number of rows (every decode step that reads no prompt is timed): for SmolLM2-135M on 2 cores,
-1 row takes ~10 ms, 2 rows ~20 ms (llama.cpp computes a lone row with a faster kernel), then each row ~5.5 ms more,
-so a small model's draft pays only when it is likely to be accepted, and less so with several streams in the batch,
-since each extra row delays them all. Each step, slot after slot, ``best_draft`` picks the draft length that makes
-the step yield the most tokens per second: ``(tokens + alpha + alpha^2 + ... + alpha^k) / time(rows + k)``, with
-``alpha`` the slot's own per-token acceptance (recent drafts weigh most, a prior of 1/2) and the step's rows and
-expected tokens including the drafts already chosen (``StepPlan``). A slot whose drafts do not pay sends a one-token
-probe now and then (after 4 steps with a match, then 8, 16, ... 256 while probes keep failing; at once again after
-an accepted one, whose row brought a token) to notice when copying starts, but only where a draft would pay for a
-good copy (95% per token): with four streams in the batch on this box, a row costs so much that nothing drafts or
-probes. Free chat thus decodes as without drafting, and a copy drafts where the measured costs say it pays.
+1 row takes ~10 ms, 2 rows ~16 ms, then each row ~5 ms more, so a small model's draft pays only when it is likely to
+be accepted, and less so with several streams in the batch, since each extra row delays them all.
+
+How likely is learned from *every* guess the drafter makes, drafted or not (``AcceptanceModel``): at each step the
+drafter's guess for a slot (what it would copy) is compared with the tokens the model then emitted, which costs
+nothing when the guess was not drafted. The odds of a guess depend mostly on how it is doing: after a run of right
+guesses the sequence is copying (a quote, the unchanged part of a rewrite) and the next guess is nearly always right;
+after a miss, or on a 2-token match in free chat, it rarely is. So the model keeps counts keyed by the slot's
+*streak* (right guesses in a row before this one, capped at ``STREAK_CAP``) and the length of the n-gram matched,
+shared by the model's requests and slowly forgetting (counts halve past ``HALF_LIFE``). Token ``j`` of a draft is
+right with the probability at streak ``s + j``, given the ones before it were. Each step, slot after slot,
+``best_draft`` picks the draft length that makes the step yield the most tokens per second, ``(tokens + expected
+accepted) / time(rows + k)``, with the step's rows and expected tokens including the drafts already chosen
+(``StepPlan``). Free chat thus decodes as without drafting (its guesses are seen to miss, at no cost), a copy
+starts drafting within a few tokens of starting, and the drafts are as long as the measured costs say they pay.
+(On this box's workloads, replayed offline: rewrite 1.5x decode speed, with the earlier per-slot estimate 1.05x.)
 
 **Budget.** A slot drafts at most ``min(k, tokens left - 1, context left - 2)`` tokens, so neither ``max_tokens``
 nor ``n_ctx`` can be passed, and drafts take batch rows before prompt chunks do.
@@ -60,9 +66,8 @@ log = logging.getLogger(__name__)
 
 GRAMMAR_NGRAM = 3  # tokens of context that key a grammar's learned continuation (``"name": "`` -> ...)
 GRAMMAR_CACHES = 32  # grammars whose continuations are kept (least recently used out)
-ALPHA_DECAY = 0.9  # weight of a slot's earlier drafts in its acceptance estimate, per verified draft
-PROBE_GAP = (4, 256)  # steps with a match between probes of a slot that does not draft: first, longest
-ALPHA_COPY = 0.95  # per-token acceptance of a good copy: a slot probes only where a draft would pay at this rate
+STREAK_CAP = 8  # right guesses in a row beyond this count as this many (the odds stop changing)
+HALF_LIFE = 512  # a key's counts halve past this many guesses: the model follows a change of workload
 
 
 class StepCost:
@@ -127,23 +132,59 @@ class StepPlan:
     tokens: float
 
 
-def expected_accepted(alpha: float, k: int) -> float:
-    """Tokens a k-token draft is expected to add when each is accepted with probability ``alpha`` (given the ones
-    before it were): alpha + alpha^2 + ... + alpha^k."""
-    return sum(alpha**i for i in range(1, k + 1))
+class AcceptanceModel:
+    """The odds that a drafter's guess is right, by the slot's streak (right guesses in a row before it, up to
+    ``STREAK_CAP``) and the n-gram length it matched (``NgramDrafter.match_n``): counts of right and wrong guesses
+    per key (halved when a key passes ``HALF_LIFE`` guesses), each key's prior the odds at one streak less. One per model, used
+    by the scheduler thread only."""
+
+    def __init__(self) -> None:
+        self._right: dict[tuple[int, int], float] = {}
+        self._seen: dict[tuple[int, int], float] = {}
+
+    def p(self, streak: int, match_n: int) -> float:
+        """The odds of a guess at this streak and match length: its counts, with two guesses' weight of the odds
+        at one streak less (1/2 at streak 0): a longer streak is taken to be as good until seen otherwise, so a
+        copy's first right guesses already raise the odds of the next ones."""
+        streak = min(streak, STREAK_CAP)
+        prior = 0.5
+        for s in range(streak + 1):
+            key = (s, match_n)
+            prior = (self._right.get(key, 0.0) + 2.0 * prior) / (self._seen.get(key, 0.0) + 2.0)
+        return prior
+
+    def observe(self, streak: int, match_n: int, right: bool) -> None:
+        key = (min(streak, STREAK_CAP), match_n)
+        seen = self._seen.get(key, 0.0) + 1.0
+        got = self._right.get(key, 0.0) + (1.0 if right else 0.0)
+        if seen > HALF_LIFE:
+            seen, got = seen / 2, got / 2
+        self._seen[key], self._right[key] = seen, got
+
+    def gains(self, streak: int, match_n: int, k: int) -> list[float]:
+        """Expected accepted tokens of a draft of 1, 2, ... k guessed tokens: token j is accepted if it and all
+        before it are right, each with the odds at the streak it would extend."""
+        out: list[float] = []
+        chance, total = 1.0, 0.0
+        for j in range(k):
+            chance *= self.p(streak + j, match_n)
+            total += chance
+            out.append(total)
+        return out
 
 
-def best_draft(cost: StepCost, plan: StepPlan, alpha: float, k_max: int) -> int:
-    """The draft length (0..k_max) that makes this step yield the most tokens per second, given the drafts already
-    in ``plan``. Unmeasured cost: a row taken as half of a one-row step."""
+def best_draft(cost: StepCost, plan: StepPlan, gains: list[float]) -> int:
+    """The draft length (0..len(gains)) that makes this step yield the most tokens per second, given the drafts
+    already in ``plan``; ``gains[k-1]``: the tokens a k-token draft is expected to add. Unmeasured cost: a row taken
+    as half of a one-row step."""
 
     def seconds(rows: int) -> float:
         t = cost.seconds(rows)
         return t if t is not None else 1.0 + 0.5 * (rows - 1)
 
     best_k, best_rate = 0, plan.tokens / seconds(plan.rows)
-    for k in range(1, k_max + 1):
-        rate = (plan.tokens + expected_accepted(alpha, k)) / seconds(plan.rows + k)
+    for k, gain in enumerate(gains, start=1):
+        rate = (plan.tokens + gain) / seconds(plan.rows + k)
         if rate > best_rate:
             best_k, best_rate = k, rate
     return best_k
@@ -152,48 +193,46 @@ def best_draft(cost: StepCost, plan: StepPlan, alpha: float, k_max: int) -> int:
 @dataclass
 class SlotDraft:
     """One request's drafting state in a slot: its drafter (indexed over prompt + accepted output + next token),
-    its k policy, and the draft in the current batch (with the batch rows of ``next_token`` and each draft token)."""
+    its k policy (when drafting is not cost-aware), the drafter's guess at this step (``guess``, of which ``draft``
+    went into the batch, with the batch rows of ``next_token`` and each draft token) and its streak of right
+    guesses."""
 
     drafter: NgramDrafter
     k: AdaptiveK
     n_prompt: int
+    odds: AcceptanceModel
     grammar: Grammar | None = None
+    guess: list[int] = field(default_factory=list)
+    match_n: int = 0
     draft: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
+    streak: int = 0  # the drafter's right guesses in a row, up to this step
     n_drafted: int = 0  # for the response's timings: tokens drafted, and drafted tokens the sampler confirmed
     n_accepted: int = 0
-    hits: float = 0.0  # decayed counts of accepted draft tokens and of rejections: ``alpha``
-    misses: float = 0.0
-    probe_gap: int = PROBE_GAP[0]  # steps with a match before the next probe, while not worth drafting
-    idle: int = PROBE_GAP[0]  # steps with a match since the last draft (the first match may probe at once)
-    probing: bool = False
-
-    @property
-    def alpha(self) -> float:
-        """This request's per-token draft acceptance: accepted / (accepted + rejections), recent drafts weighing
-        most, starting from 1/2."""
-        return (self.hits + 1.0) / (self.hits + self.misses + 2.0)
 
     def settle(self, emitted: list[int]) -> int:
         """After verification: ``emitted`` are the tokens sampled from this step's rows (1 .. len(draft) + 1).
-        Returns how many drafted tokens were accepted (their KV stays), updates k and the index."""
+        Returns how many drafted tokens were accepted (their KV stays); scores the step's guess against what was
+        emitted (drafted or not: a guess not drafted is still a free lesson), updates k and the index."""
         draft = self.draft
         matched = 0
         while matched < min(len(draft), len(emitted)) and emitted[matched] == draft[matched]:
             matched += 1
         accepted = min(matched, len(emitted) - 1)
         self.k.update(len(draft), accepted)
-        if draft:
-            rejected = matched < len(draft) and len(emitted) > matched  # the model chose another token
-            self.hits = ALPHA_DECAY * self.hits + accepted
-            self.misses = ALPHA_DECAY * self.misses + (1.0 if rejected else 0.0)
-            if self.probing:  # an accepted probe costs nothing (its row brought a token): probe again at once
-                self.probe_gap = PROBE_GAP[0] if accepted else min(PROBE_GAP[1], 2 * self.probe_gap)
-                self.idle = self.probe_gap if accepted else 0
-                self.probing = False
+        if not self.guess:
+            self.streak = 0  # no match: whatever was being copied lost its anchor
+        for guessed, got in zip(self.guess, emitted, strict=False):
+            right = guessed == got
+            self.odds.observe(self.streak, self.match_n, right)
+            if not right:
+                self.streak = 0
+                break
+            self.streak += 1
         if len(self.drafter):  # not indexed yet: the first ``propose`` indexes the whole sequence
             self.drafter.extend(emitted)
         self.draft = []
+        self.guess = []
         return accepted
 
 
@@ -241,6 +280,7 @@ class Speculator:
         self.jump_forward = jump_forward
         self.cost_aware = cost_aware
         self.cost = StepCost()
+        self.odds = AcceptanceModel()
         self._grammar_caches: OrderedDict[Grammar, NgramCache] = OrderedDict()
 
     def start(self, n_prompt: int, grammar: Grammar | None) -> SlotDraft:
@@ -251,6 +291,7 @@ class Speculator:
             NgramDrafter(self.ngram_max, self.ngram_min, cache),
             AdaptiveK(k_max=self.n_max, k_start=k_start, probe_k=min(2, self.n_max)),
             n_prompt,
+            self.odds,
             grammar if cache is not None else None,
         )
 
@@ -267,28 +308,22 @@ class Speculator:
         if len(sd.drafter) == 0:  # first step: index the prompt (and a reused prefix) once
             sd.drafter.extend(cache)
             sd.drafter.extend([next_token])
-        k = min(sd.k.next_k(), limit)
         sd.draft = []
-        if k <= 0:
-            return sd.draft
         if not self.cost_aware:
-            sd.draft = sd.drafter.draft(k)
+            k = min(sd.k.next_k(), limit)
+            sd.guess = sd.draft = sd.drafter.draft(k) if k > 0 else []
+            sd.match_n = sd.drafter.match_n
         else:
-            plan = plan if plan is not None else self.plan(1)
-            worth = best_draft(self.cost, plan, sd.alpha, k)
-            if worth > 0:
-                sd.draft = sd.drafter.draft(worth)
-                sd.idle = 0
-            elif sd.drafter.draft(1) and best_draft(self.cost, plan, ALPHA_COPY, k):
-                # a match, not worth its rows at this slot's acceptance, but it would be for a copy: probe now and then
-                sd.idle += 1
-                if sd.idle > sd.probe_gap:
-                    sd.draft = sd.drafter.draft(1)
-                    sd.idle = 0
-                    sd.probing = True
-            if sd.draft:
-                plan.rows += len(sd.draft)
-                plan.tokens += expected_accepted(sd.alpha, len(sd.draft))
+            sd.guess = sd.drafter.draft(self.n_max)  # scored after the step whether drafted or not
+            sd.match_n = sd.drafter.match_n
+            if sd.guess and limit > 0:
+                plan = plan if plan is not None else self.plan(1)
+                gains = self.odds.gains(sd.streak, sd.match_n, min(len(sd.guess), limit))
+                k = best_draft(self.cost, plan, gains)
+                if k:
+                    sd.draft = sd.guess[:k]
+                    plan.rows += k
+                    plan.tokens += gains[k - 1]
         sd.n_drafted += len(sd.draft)
         return sd.draft
 
@@ -314,6 +349,7 @@ class Speculator:
 
 __all__ = [
     "DEFAULT_DRAFT",
+    "AcceptanceModel",
     "GRAMMAR_NGRAM",
     "DraftPolicy",
     "SlotDraft",
@@ -321,5 +357,4 @@ __all__ = [
     "StepCost",
     "StepPlan",
     "best_draft",
-    "expected_accepted",
 ]
