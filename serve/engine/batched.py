@@ -122,6 +122,7 @@ class BatchedModel:
         self._queue_size = queue_size
         n_batch = max(spec.n_batch, slots)  # room for every sequence's next token in one batch
         self.llama = LlamaContext(spec, n_seq=slots, n_batch=n_batch, kv_unified=kv_unified, flash_attn=flash_attn)
+        self._kv_unified = kv_unified
         try:
             self._batch = BatchBuilder(n_batch, prompt_chunk, prompt_min_batch)
         except BaseException:
@@ -169,7 +170,7 @@ class BatchedModel:
         if not self.llama.can_truncate():
             log.info("%s: no speculative decoding (its KV cannot drop rejected draft tokens)", self.spec.name)
             return None
-        return draft.speculator()
+        return draft.speculator(split=not self._kv_unified)
 
     # -- request side (event loop, or any thread) ---------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -416,7 +417,8 @@ class BatchedModel:
         t0 = time.perf_counter()
         self.llama.decode(self._batch.batch)
         if self._speculator is not None and not step.reading:  # what a row costs, for the drafts' worth
-            self._speculator.cost.observe(step.n_tokens, time.perf_counter() - t0)
+            rows = [1 + (len(s.drafting.draft) if s.drafting is not None else 0) for s in step.generating]
+            self._speculator.observe(rows, time.perf_counter() - t0)
         self.n_decode += 1
         self.n_decoded_seqs += len(slots)
         ctx = self.llama.ctx
@@ -433,19 +435,21 @@ class BatchedModel:
             self._sample(s, ctx)
 
     def _propose(self, slots: list[Slot]) -> None:
-        """Choose each generating slot's draft for this step: within the batch (drafts come before prompt chunks),
+        """Choose the generating slots' drafts for this step: within the batch (drafts come before prompt chunks),
         the tokens left (``max_tokens``) and the context left."""
         speculator = self._speculator
         if speculator is None:
             return
         generating = self._batch.generating(slots)
-        room = self._batch.n_batch - len(generating)
         n_ctx = self.spec.n_ctx
-        plan = speculator.plan(len(generating))
-        for s in generating:
-            if s.drafting is not None:
-                limit = min(room, s.max_tokens - s.n_decoded - 1, n_ctx - len(s.cache) - 2)
-                room -= len(speculator.propose(s.drafting, s.cache, s.next_token, limit, plan))
+        speculator.propose(
+            [
+                (s.drafting, s.cache, s.next_token, min(s.max_tokens - s.n_decoded - 1, n_ctx - len(s.cache) - 2))
+                for s in generating
+                if s.drafting is not None
+            ],
+            room=self._batch.n_batch - len(generating),
+        )
 
     def _sample(self, s: Slot, ctx: object) -> None:
         """Sample a slot's rows in order (``next_token``'s, then each drafted token's) with its own chain, emitting

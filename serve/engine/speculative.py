@@ -42,11 +42,17 @@ guesses the sequence is copying (a quote, the unchanged part of a rewrite) and t
 after a miss, or on a 2-token match in free chat, it rarely is. So the model keeps counts keyed by the slot's
 *streak* (right guesses in a row before this one, capped at ``STREAK_CAP``) and the length of the n-gram matched,
 shared by the model's requests and slowly forgetting (counts halve past ``HALF_LIFE``). Token ``j`` of a draft is
-right with the probability at streak ``s + j``, given the ones before it were. Each step, slot after slot,
-``best_draft`` picks the draft length that makes the step yield the most tokens per second, ``(tokens + expected
-accepted) / time(rows + k)``, with the step's rows and expected tokens including the drafts already chosen
-(``StepPlan``). Free chat thus decodes as without drafting (its guesses are seen to miss, at no cost), a copy
-starts drafting within a few tokens of starting, and the drafts are as long as the measured costs say they pay.
+right with the probability at streak ``s + j``, given the ones before it were. Each request scales the shared odds
+by its own record (right guesses / the odds they were given: ``SlotDraft.calibration``), so a workload whose
+guesses fare worse than the mix drafts less.
+
+Each step, ``choose_drafts`` picks the drafts that make the step yield the most tokens per second, ``(tokens +
+expected accepted) / time(step)``, over drafts of one length ``k`` for the slots expected to gain most from it.
+One length because of the KV layout: with the cache split per sequence (the default), llama.cpp decodes a batch in
+passes of equal rows per sequence, so one stream drafting beside three that do not costs a second pass
+(``step_seconds``); four streams drafting 2 tokens each cost one pass of 12 rows. Only one-pass steps teach
+``StepCost``. Free chat thus decodes as without drafting (its guesses are seen to miss, at no cost), a copy starts
+drafting within a few tokens of starting, and the drafts are as long as the measured costs say they pay.
 (On this box's workloads, replayed offline: rewrite 1.5x decode speed, with the earlier per-slot estimate 1.05x.)
 
 **Budget.** A slot drafts at most ``min(k, tokens left - 1, context left - 2)`` tokens, so neither ``max_tokens``
@@ -68,6 +74,7 @@ GRAMMAR_NGRAM = 3  # tokens of context that key a grammar's learned continuation
 GRAMMAR_CACHES = 32  # grammars whose continuations are kept (least recently used out)
 STREAK_CAP = 8  # right guesses in a row beyond this count as this many (the odds stop changing)
 HALF_LIFE = 512  # a key's counts halve past this many guesses: the model follows a change of workload
+CALIBRATION_PRIOR = 4.0  # guesses' weight of the prior that a request's guesses fare as the shared odds say
 
 
 class StepCost:
@@ -123,15 +130,6 @@ class StepCost:
         return max(1e-9, self._mean[anchor] + slope * (rows - anchor))
 
 
-@dataclass
-class StepPlan:
-    """The drafts chosen so far for one step: its rows and the tokens they are expected to yield (each generating
-    slot's own token, plus its draft's expected accepted tokens)."""
-
-    rows: int
-    tokens: float
-
-
 class AcceptanceModel:
     """The odds that a drafter's guess is right, by the slot's streak (right guesses in a row before it, up to
     ``STREAK_CAP``) and the n-gram length it matched (``NgramDrafter.match_n``): counts of right and wrong guesses
@@ -161,33 +159,59 @@ class AcceptanceModel:
             seen, got = seen / 2, got / 2
         self._seen[key], self._right[key] = seen, got
 
-    def gains(self, streak: int, match_n: int, k: int) -> list[float]:
+    def gains(self, streak: int, match_n: int, k: int, scale: float = 1.0) -> list[float]:
         """Expected accepted tokens of a draft of 1, 2, ... k guessed tokens: token j is accepted if it and all
-        before it are right, each with the odds at the streak it would extend."""
+        before it are right, each with the odds at the streak it would extend (times ``scale``, at most 1)."""
         out: list[float] = []
         chance, total = 1.0, 0.0
         for j in range(k):
-            chance *= self.p(streak + j, match_n)
+            chance *= min(1.0, scale * self.p(streak + j, match_n))
             total += chance
             out.append(total)
         return out
 
 
-def best_draft(cost: StepCost, plan: StepPlan, gains: list[float]) -> int:
-    """The draft length (0..len(gains)) that makes this step yield the most tokens per second, given the drafts
-    already in ``plan``; ``gains[k-1]``: the tokens a k-token draft is expected to add. Unmeasured cost: a row taken
-    as half of a one-row step."""
+def step_seconds(cost: StepCost, lengths: list[int], split: bool) -> float:
+    """The expected time of a step whose generating sequences put ``lengths`` rows each in the batch (1 + draft).
+    With the KV cache split per sequence (``split``), llama.cpp decodes a batch in passes that take the same number
+    of rows from every sequence still having some, so uneven drafts cost extra passes: ``[2, 1, 1, 1]`` is a pass of
+    4 rows and a pass of 1 (measured here: 33.9 ms against 23.1 for ``[1, 1, 1, 1]`` and 40.3 for ``[2, 2, 2, 2]``).
+    Unmeasured cost: a row taken as half of a one-row step."""
 
     def seconds(rows: int) -> float:
         t = cost.seconds(rows)
         return t if t is not None else 1.0 + 0.5 * (rows - 1)
 
-    best_k, best_rate = 0, plan.tokens / seconds(plan.rows)
-    for k, gain in enumerate(gains, start=1):
-        rate = (plan.tokens + gain) / seconds(plan.rows + k)
-        if rate > best_rate:
-            best_k, best_rate = k, rate
-    return best_k
+    if not split or len(lengths) < 2:
+        return seconds(sum(lengths))
+    total, done = 0.0, 0
+    levels = sorted(lengths)
+    for i, level in enumerate(levels):
+        if level > done:
+            total += seconds((level - done) * (len(levels) - i))
+            done = level
+    return total
+
+
+def choose_drafts(cost: StepCost, gains: list[list[float]], room: int, split: bool) -> tuple[int, list[int]]:
+    """The drafts that make a step yield the most tokens per second: ``gains[i][k-1]`` is the tokens a k-token
+    draft of generating sequence ``i`` is expected to add (an empty list: it has nothing to draft). Drafts are of
+    one length ``k`` for the chosen sequences (those expected to gain most at that length), which keeps a split
+    KV cache to one pass; at most ``room`` rows in all. Returns ``(k, chosen)``; ``(0, [])``: no draft pays."""
+    n = len(gains)
+    best_rate, best_k, best_set = n / step_seconds(cost, [1] * n, split), 0, []
+    for k in range(1, max((len(g) for g in gains), default=0) + 1):
+        able = sorted((i for i in range(n) if len(gains[i]) >= k), key=lambda i: -gains[i][k - 1])
+        lengths, tokens = [1] * n, float(n)
+        for m, i in enumerate(able):
+            if (m + 1) * k > room:
+                break
+            lengths[i] = 1 + k
+            tokens += gains[i][k - 1]
+            rate = tokens / step_seconds(cost, lengths, split)
+            if rate > best_rate:
+                best_rate, best_k, best_set = rate, k, able[: m + 1]
+    return best_k, best_set
 
 
 @dataclass
@@ -207,6 +231,8 @@ class SlotDraft:
     draft: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     streak: int = 0  # the drafter's right guesses in a row, up to this step
+    right: float = 0.0  # this request's right guesses, and the odds the model gave them (its calibration)
+    expected: float = 0.0
     n_drafted: int = 0  # for the response's timings: tokens drafted, and drafted tokens the sampler confirmed
     n_accepted: int = 0
 
@@ -224,6 +250,8 @@ class SlotDraft:
             self.streak = 0  # no match: whatever was being copied lost its anchor
         for guessed, got in zip(self.guess, emitted, strict=False):
             right = guessed == got
+            self.expected += self.odds.p(self.streak, self.match_n)
+            self.right += right
             self.odds.observe(self.streak, self.match_n, right)
             if not right:
                 self.streak = 0
@@ -234,6 +262,12 @@ class SlotDraft:
         self.draft = []
         self.guess = []
         return accepted
+
+    @property
+    def calibration(self) -> float:
+        """How this request's guesses fare against the shared odds: right / expected so far, from a prior of
+        ``CALIBRATION_PRIOR`` guesses at 1 (a workload the shared odds overrate drafts less)."""
+        return (self.right + CALIBRATION_PRIOR) / (self.expected + CALIBRATION_PRIOR)
 
 
 @dataclass(frozen=True)
@@ -249,8 +283,9 @@ class DraftPolicy:
     jump_forward: bool = False
     cost_aware: bool = True
 
-    def speculator(self) -> Speculator:
-        return Speculator(self.n_max, self.ngram_max, self.ngram_min, self.jump_forward, self.cost_aware)
+    def speculator(self, split: bool = True) -> Speculator:
+        """The policy for one model (``split``: its KV cache is split per sequence)."""
+        return Speculator(self.n_max, self.ngram_max, self.ngram_min, self.jump_forward, self.cost_aware, split)
 
 
 DEFAULT_DRAFT = DraftPolicy()
@@ -269,6 +304,7 @@ class Speculator:
         ngram_min: int = 2,
         jump_forward: bool = False,
         cost_aware: bool = True,
+        split: bool = True,
     ) -> None:
         if n_max < 1:
             raise ValueError(f"draft n_max must be >= 1, got {n_max}")
@@ -279,6 +315,7 @@ class Speculator:
         self.ngram_min = ngram_min
         self.jump_forward = jump_forward
         self.cost_aware = cost_aware
+        self.split = split  # the KV cache is split per sequence (llama.cpp decodes uneven rows in passes)
         self.cost = StepCost()
         self.odds = AcceptanceModel()
         self._grammar_caches: OrderedDict[Grammar, NgramCache] = OrderedDict()
@@ -295,37 +332,39 @@ class Speculator:
             grammar if cache is not None else None,
         )
 
-    def plan(self, n_seqs: int) -> StepPlan:
-        """A step's draft plan, before any slot drafted: ``n_seqs`` generating sequences, a row and a token each."""
-        return StepPlan(rows=n_seqs, tokens=float(n_seqs))
-
-    def propose(
-        self, sd: SlotDraft, cache: list[int], next_token: int, limit: int, plan: StepPlan | None = None
-    ) -> list[int]:
-        """The draft of one generating slot whose KV holds ``cache`` and whose sampled ``next_token`` is to be
-        evaluated now; at most ``limit`` tokens (budget, tokens left, context left: the caller's). ``plan``: the
-        step's drafts so far (see ``plan``), which this one is weighed against and added to."""
-        if len(sd.drafter) == 0:  # first step: index the prompt (and a reused prefix) once
-            sd.drafter.extend(cache)
-            sd.drafter.extend([next_token])
-        sd.draft = []
-        if not self.cost_aware:
-            k = min(sd.k.next_k(), limit)
-            sd.guess = sd.draft = sd.drafter.draft(k) if k > 0 else []
-            sd.match_n = sd.drafter.match_n
-        else:
+    def propose(self, slots: list[tuple[SlotDraft, list[int], int, int]], room: int) -> None:
+        """Choose this step's drafts (each slot's ``draft``): ``slots`` are the step's generating slots as
+        ``(drafting state, KV tokens, next_token to evaluate now, most tokens it may draft)`` (the caller's budget:
+        tokens left, context left); ``room``: batch rows free for drafts in all."""
+        gains: list[list[float]] = []
+        for sd, cache, next_token, limit in slots:
+            if len(sd.drafter) == 0:  # first step: index the prompt (and a reused prefix) once
+                sd.drafter.extend(cache)
+                sd.drafter.extend([next_token])
+            sd.draft = []
+            if not self.cost_aware:
+                k = min(sd.k.next_k(), limit, room)
+                sd.guess = sd.draft = sd.drafter.draft(k) if k > 0 else []
+                sd.match_n = sd.drafter.match_n
+                room -= len(sd.draft)
+                continue
             sd.guess = sd.drafter.draft(self.n_max)  # scored after the step whether drafted or not
             sd.match_n = sd.drafter.match_n
-            if sd.guess and limit > 0:
-                plan = plan if plan is not None else self.plan(1)
-                gains = self.odds.gains(sd.streak, sd.match_n, min(len(sd.guess), limit))
-                k = best_draft(self.cost, plan, gains)
-                if k:
-                    sd.draft = sd.guess[:k]
-                    plan.rows += k
-                    plan.tokens += gains[k - 1]
-        sd.n_drafted += len(sd.draft)
-        return sd.draft
+            cap = min(len(sd.guess), limit)
+            gains.append(self.odds.gains(sd.streak, sd.match_n, cap, sd.calibration) if cap > 0 else [])
+        if self.cost_aware:
+            k, chosen = choose_drafts(self.cost, gains, room, self.split)
+            for i in chosen:
+                sd = slots[i][0]
+                sd.draft = sd.guess[:k]
+        for sd, *_ in slots:
+            sd.n_drafted += len(sd.draft)
+
+    def observe(self, lengths: list[int], seconds: float) -> None:
+        """A decode step that read no prompt took ``seconds`` with these rows per generating sequence: learned as
+        the cost of its rows if llama.cpp did it in one pass."""
+        if not self.split or len(set(lengths)) == 1:
+            self.cost.observe(sum(lengths), seconds)
 
     def finish(self, sd: SlotDraft) -> None:
         """A request under a grammar ended (its last tokens settled): remember what its output continued with, from
@@ -355,6 +394,6 @@ __all__ = [
     "SlotDraft",
     "Speculator",
     "StepCost",
-    "StepPlan",
-    "best_draft",
+    "choose_drafts",
+    "step_seconds",
 ]
