@@ -151,6 +151,27 @@ def test_a_new_conversation_does_not_overwrite_another_that_shares_only_its_syst
     assert table.assign(job([*system, 1, 2])).seq_id == 1
 
 
+def test_new_prompts_take_the_least_recently_used_slot_not_the_one_with_the_shortest_cache() -> None:
+    """Every prompt starts with the template's default system prompt; three slots hold long answers nobody came
+    back to, one a short recent chat. New prompts take the stale slots in turn, so the recent ones stay cached."""
+    system = list(range(100, 125))
+    table = SlotTable(4, FakeMemory(), copy_min_tokens=16)
+    for slot in table.slots[:3]:
+        slot.cache = [*system, *range(1000 + 500 * slot.seq_id, 1400 + 500 * slot.seq_id)]  # old, 425 tokens
+    chats = [[*system, *range(5000 + 100 * i, 5030 + 100 * i)] for i in range(3)]
+    taken = []
+    for chat in chats:
+        slot = table.assign(job(chat))
+        slot.cache = [*chat, *range(9000, 9040)]  # its prompt and answer
+        table.release(slot)
+        taken.append(slot.seq_id)
+    assert len(set(taken)) == 3  # each chat in its own slot
+    for i, chat in enumerate(chats):  # the same prompts again: each finds its own cache
+        slot = table.assign(job(chat))
+        assert slot.seq_id == taken[i]
+        table.release(slot)
+
+
 def test_reuse_prefix_keeps_the_shared_prefix_and_drops_the_rest() -> None:
     memory = FakeMemory()
     table = SlotTable(1, memory, copy_min_tokens=16)

@@ -5,10 +5,11 @@ A slot keeps its KV after its request ends, so the next request that shares a pr
 that prefix:
 
 - **choice of slot**: a request takes the free slot that keeps the most of its prompt and loses the least of what
-  others may reuse: the cached tokens it shares with the prompt, less half of those it would overwrite (the next
-  turn of a chat takes its own slot; a new conversation takes an empty slot, or the least recently used among those
-  it would cost as much, rather than a slot holding another conversation that only shares the system prompt, whose
-  few shared tokens a prefix copy brings over anyway). Ties go to the lowest slot;
+  others may reuse: the cached tokens it shares with the prompt, less half of those it would overwrite, except in
+  the least recently used free slot, whose tokens are the ones to lose (the next turn of a chat takes its own slot;
+  a new conversation takes an empty slot or the least recently used one, rather than a slot holding another
+  conversation that only shares the system prompt, whose few shared tokens a prefix copy brings over anyway; and a
+  long cache nobody came back to is the first to go, not the short recent one). Ties go to the lowest slot;
 - **prefix copy**: if another slot holds a longer prefix (the same system prompt, another user), its KV is copied
   into the chosen slot instead of being recomputed, when that is cheaper (``copy_threshold``);
 - whatever the slot holds past the shared prefix is removed from its KV;
@@ -65,11 +66,12 @@ def _shared(slot: Slot, tokens: list[int], key: LoraKey) -> int:
     return common_prefix(slot.cache, tokens) if slot.kv_key == key else 0
 
 
-def _fit(slot: Slot, tokens: list[int], key: LoraKey) -> tuple[float, int, int]:
-    """How well a free slot suits a prompt (higher is better): cached tokens kept, less half of those overwritten;
-    then the least recently used; then the lowest slot."""
+def _fit(slot: Slot, tokens: list[int], key: LoraKey, expendable: bool) -> tuple[float, int, int]:
+    """How well a free slot suits a prompt (higher is better): cached tokens kept, less half of those overwritten
+    unless the slot is ``expendable`` (the least recently used); then the least recently used; then the lowest."""
     shared = _shared(slot, tokens, key)
-    return (shared - (len(slot.cache) - shared) / 2, -slot.last_used, -slot.seq_id)
+    lost = 0 if expendable else (len(slot.cache) - shared) / 2
+    return (shared - lost, -slot.last_used, -slot.seq_id)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -139,7 +141,8 @@ class SlotTable:
         if not free:
             raise RuntimeError("no free slot")  # callers check n_free() first
         key = lora_key(job.lora)
-        best = max(free, key=lambda s: _fit(s, job.tokens, key))
+        lru = min(free, key=lambda s: (len(s.cache) > 0, s.last_used, s.seq_id))  # an empty one, else the LRU
+        best = max(free, key=lambda s: _fit(s, job.tokens, key, s is lru))
         self._uses += 1
         best.last_used = self._uses
         best.job = job
