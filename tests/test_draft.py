@@ -463,3 +463,22 @@ def test_a_request_whose_guesses_fare_worse_than_the_shared_odds_drafts_less() -
     assert poor.calibration == pytest.approx(CALIBRATION_PRIOR / (CALIBRATION_PRIOR + 12 * spec.odds.p(1, 3)), rel=0.2)
     poor.streak = 3
     assert propose(spec, poor, seq[:-1], seq[-1]) == []
+
+
+def test_no_drafts_beside_a_prompt_with_a_split_cache_but_guesses_still_learn() -> None:
+    from edgellm.serve.engine.speculative import Speculator
+
+    seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]
+    for split, drafts in ((True, False), (False, True)):
+        spec = Speculator(n_max=8, split=split)
+        measured(spec.cost, SMOLLM2)
+        for _ in range(200):
+            for streak in range(9):
+                spec.odds.observe(streak, 3, True)
+        sd = spec.start(n_prompt=len(seq), grammar=None)
+        sd.streak = 5
+        spec.propose([(sd, seq[:-1], seq[-1], 8)], room=384, reading=True)
+        assert bool(sd.draft) == drafts and sd.guess[:3] == [4, 5, 6]
+        seen = spec.odds._seen.get((5, 3), 0.0)
+        sd.settle([4])
+        assert spec.odds._seen[(5, 3)] == seen + 1  # scored all the same

@@ -416,9 +416,8 @@ class BatchedModel:
             return
         t0 = time.perf_counter()
         self.llama.decode(self._batch.batch)
-        if self._speculator is not None and not step.reading:  # what a row costs, for the drafts' worth
-            rows = [1 + (len(s.drafting.draft) if s.drafting is not None else 0) for s in step.generating]
-            self._speculator.observe(rows, time.perf_counter() - t0)
+        # what a row costs (decoded and sampled), for the drafts' worth
+        rows = [1 + (len(s.drafting.draft) if s.drafting is not None else 0) for s in step.generating]
         self.n_decode += 1
         self.n_decoded_seqs += len(slots)
         ctx = self.llama.ctx
@@ -433,6 +432,8 @@ class BatchedModel:
                 self._slots.truncate(s, len(s.cache))
                 continue
             self._sample(s, ctx)
+        if self._speculator is not None and not step.reading:
+            self._speculator.observe(rows, time.perf_counter() - t0)
 
     def _propose(self, slots: list[Slot]) -> None:
         """Choose the generating slots' drafts for this step: within the batch (drafts come before prompt chunks),
@@ -449,6 +450,7 @@ class BatchedModel:
                 if s.drafting is not None
             ],
             room=self._batch.n_batch - len(generating),
+            reading=any(s.pending for s in slots),
         )
 
     def _sample(self, s: Slot, ctx: object) -> None:

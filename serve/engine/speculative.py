@@ -74,6 +74,7 @@ GRAMMAR_NGRAM = 3  # tokens of context that key a grammar's learned continuation
 GRAMMAR_CACHES = 32  # grammars whose continuations are kept (least recently used out)
 STREAK_CAP = 8  # right guesses in a row beyond this count as this many (the odds stop changing)
 HALF_LIFE = 512  # a key's counts halve past this many guesses: the model follows a change of workload
+DRAFT_MARGIN = 1.05  # a step drafts only when expected to yield this much more per second than without
 CALIBRATION_PRIOR = 4.0  # guesses' weight of the prior that a request's guesses fare as the shared odds say
 
 
@@ -197,9 +198,10 @@ def choose_drafts(cost: StepCost, gains: list[list[float]], room: int, split: bo
     """The drafts that make a step yield the most tokens per second: ``gains[i][k-1]`` is the tokens a k-token
     draft of generating sequence ``i`` is expected to add (an empty list: it has nothing to draft). Drafts are of
     one length ``k`` for the chosen sequences (those expected to gain most at that length), which keeps a split
-    KV cache to one pass; at most ``room`` rows in all. Returns ``(k, chosen)``; ``(0, [])``: no draft pays."""
+    KV cache to one pass; at most ``room`` rows in all; expected to beat no draft by ``DRAFT_MARGIN`` (estimates
+    err, and a draft that does not pay costs more than one skipped). Returns ``(k, chosen)``; ``(0, [])``: none."""
     n = len(gains)
-    best_rate, best_k, best_set = n / step_seconds(cost, [1] * n, split), 0, []
+    best_rate, best_k, best_set = DRAFT_MARGIN * n / step_seconds(cost, [1] * n, split), 0, []
     for k in range(1, max((len(g) for g in gains), default=0) + 1):
         able = sorted((i for i in range(n) if len(gains[i]) >= k), key=lambda i: -gains[i][k - 1])
         lengths, tokens = [1] * n, float(n)
@@ -332,10 +334,13 @@ class Speculator:
             grammar if cache is not None else None,
         )
 
-    def propose(self, slots: list[tuple[SlotDraft, list[int], int, int]], room: int) -> None:
+    def propose(
+        self, slots: list[tuple[SlotDraft, list[int], int, int]], room: int, reading: bool = False
+    ) -> None:
         """Choose this step's drafts (each slot's ``draft``): ``slots`` are the step's generating slots as
         ``(drafting state, KV tokens, next_token to evaluate now, most tokens it may draft)`` (the caller's budget:
-        tokens left, context left); ``room``: batch rows free for drafts in all."""
+        tokens left, context left); ``room``: batch rows free for drafts in all; ``reading``: the step also reads a
+        prompt, so with a split KV cache a draft would add a pass beside it (no drafts then; guesses still learn)."""
         gains: list[list[float]] = []
         for sd, cache, next_token, limit in slots:
             if len(sd.drafter) == 0:  # first step: index the prompt (and a reused prefix) once
@@ -352,7 +357,7 @@ class Speculator:
             sd.match_n = sd.drafter.match_n
             cap = min(len(sd.guess), limit)
             gains.append(self.odds.gains(sd.streak, sd.match_n, cap, sd.calibration) if cap > 0 else [])
-        if self.cost_aware:
+        if self.cost_aware and not (reading and self.split):
             k, chosen = choose_drafts(self.cost, gains, room, self.split)
             for i in chosen:
                 sd = slots[i][0]
