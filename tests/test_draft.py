@@ -339,8 +339,10 @@ def test_four_streams_draft_together_or_not_at_all() -> None:
     assert k == 2 and sorted(chosen) == [0, 1, 2, 3]  # four copies: one pass of 12 rows
     assert choose_drafts(cost, [gains(0.9), [], [], []], 512, split=True) == (0, [])  # one copy: not worth a pass
     assert choose_drafts(cost, [gains(0.5)] * 4, 512, split=True) == (0, [])  # free chat
-    k, chosen = choose_drafts(cost, [gains(0.9), gains(0.99), gains(0.3), []], 512, split=True)
-    assert chosen[:1] == [1] and 2 not in chosen and 3 not in chosen  # the likeliest first, the unlikely not at all
+    # all or none: one stream with nothing to guess keeps the others from drafting
+    assert choose_drafts(cost, [gains(0.99), gains(0.99), gains(0.99), []], 512, split=True) == (0, [])
+    k, chosen = choose_drafts(cost, [gains(0.9), gains(0.99), gains(0.3), []], 512, split=False)
+    assert chosen[:1] == [1] and 2 not in chosen and 3 not in chosen  # one cache: the likeliest first
     k, chosen = choose_drafts(cost, [gains(0.9)] * 4, 4, split=True)
     assert k * len(chosen) <= 4
 

@@ -47,10 +47,12 @@ by its own record (right guesses / the odds they were given: ``SlotDraft.calibra
 guesses fare worse than the mix drafts less.
 
 Each step, ``choose_drafts`` picks the drafts that make the step yield the most tokens per second, ``(tokens +
-expected accepted) / time(step)``, over drafts of one length ``k`` for the slots expected to gain most from it.
-One length because of the KV layout: with the cache split per sequence (the default), llama.cpp decodes a batch in
-passes of equal rows per sequence, so one stream drafting beside three that do not costs a second pass
-(``step_seconds``); four streams drafting 2 tokens each cost one pass of 12 rows. Only one-pass steps teach
+expected accepted) / time(step)``, over drafts of one length ``k``. One length because of the KV layout: with the
+cache split per sequence (the default), llama.cpp decodes a batch in passes of equal rows per sequence, so one
+stream drafting beside three that do not costs a second pass (``step_seconds``), while four streams drafting 2
+tokens each cost one pass of 12 rows; so with a split cache all generating streams draft or none (measured:
+partial drafts at four streams lost up to 16% against drafting off even with the extra pass priced in), and a
+step that also reads a prompt chunk does not draft. Only one-pass steps teach
 ``StepCost``. Free chat thus decodes as without drafting (its guesses are seen to miss, at no cost), a copy starts
 drafting within a few tokens of starting, and the drafts are as long as the measured costs say they pay.
 (On this box's workloads, replayed offline: rewrite 1.5x decode speed, with the earlier per-slot estimate 1.05x.)
@@ -197,22 +199,27 @@ def step_seconds(cost: StepCost, lengths: list[int], split: bool) -> float:
 def choose_drafts(cost: StepCost, gains: list[list[float]], room: int, split: bool) -> tuple[int, list[int]]:
     """The drafts that make a step yield the most tokens per second: ``gains[i][k-1]`` is the tokens a k-token
     draft of generating sequence ``i`` is expected to add (an empty list: it has nothing to draft). Drafts are of
-    one length ``k`` for the chosen sequences (those expected to gain most at that length), which keeps a split
-    KV cache to one pass; at most ``room`` rows in all; expected to beat no draft by ``DRAFT_MARGIN`` (estimates
-    err, and a draft that does not pay costs more than one skipped). Returns ``(k, chosen)``; ``(0, [])``: none."""
+    one length ``k``: with a split KV cache, for all sequences or none (one pass; measured here, drafts beside
+    sequences that did not draft lost up to 16% at four streams even with the extra pass priced in); with one
+    cache, for those expected to gain most at that length. At most ``room`` rows in all; expected to beat no draft
+    by ``DRAFT_MARGIN`` (estimates err, and a draft that does not pay costs more than one skipped). Returns
+    ``(k, chosen)``; ``(0, [])``: none."""
     n = len(gains)
     best_rate, best_k, best_set = DRAFT_MARGIN * n / step_seconds(cost, [1] * n, split), 0, []
     for k in range(1, max((len(g) for g in gains), default=0) + 1):
         able = sorted((i for i in range(n) if len(gains[i]) >= k), key=lambda i: -gains[i][k - 1])
-        lengths, tokens = [1] * n, float(n)
-        for m, i in enumerate(able):
-            if (m + 1) * k > room:
+        if split and len(able) < n:
+            continue
+        for m in [n] if split else range(1, len(able) + 1):  # how many of ``able`` draft
+            if m * k > room:
                 break
-            lengths[i] = 1 + k
-            tokens += gains[i][k - 1]
+            lengths, tokens = [1] * n, float(n)
+            for i in able[:m]:
+                lengths[i] = 1 + k
+                tokens += gains[i][k - 1]
             rate = tokens / step_seconds(cost, lengths, split)
             if rate > best_rate:
-                best_rate, best_k, best_set = rate, k, able[: m + 1]
+                best_rate, best_k, best_set = rate, k, able[:m]
     return best_k, best_set
 
 
