@@ -97,6 +97,7 @@ def _default_engine_factory(settings: ServeSettings) -> Engine:
         model_specs(settings),
         slots=settings.slots,
         prompt_chunk=settings.prompt_chunk,
+        kv_unified=settings.kv_unified,
         queue_size=settings.queue_size,
         catalog=dir_catalog(settings),
         max_loaded=settings.max_loaded_models,

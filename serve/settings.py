@@ -260,6 +260,12 @@ class ServeSettings(_Strict):
         description="batched engine: prompt tokens read per step while other streams generate (larger: more "
         "throughput with long prompts, longer pauses in the other streams)",
     )
+    kv_unified: bool = Field(
+        False,
+        description="batched engine: one KV buffer shared by the slots (llama-server's -kvu) instead of one per "
+        "slot; uneven batches (drafts beside streams that do not draft) then take one pass, but a greedy answer may "
+        "depend on what else is in the batch",
+    )
     queue_size: int = Field(64, ge=0, description="requests allowed to wait per model; beyond it: 503")
     models: list[ModelSettings] = Field(
         default_factory=list, description="models loaded at start and kept loaded (may be empty with models_dir)"

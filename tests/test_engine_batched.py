@@ -521,3 +521,26 @@ def test_prompt_chunk_is_a_setting_that_reaches_the_batch(default_gguf: Path) ->
         assert engine._batched["m"]._batch.prompt_chunk == 512  # type: ignore[attr-defined]
     finally:
         asyncio.run(engine.close())
+
+
+def test_kv_unified_is_a_setting_that_reaches_the_context_and_the_draft_policy(default_gguf: Path) -> None:
+    from edgellm.serve.engine.factory import build_engine
+    from edgellm.serve.settings import load_serve_settings
+
+    models = {"models": [{"name": "m", "path": str(default_gguf)}]}
+    assert load_serve_settings(None, models, environ={}).kv_unified is False
+    settings = load_serve_settings(None, {**models, "kv_unified": True}, environ={})
+    spec = ModelSpec(name=MODEL, path=default_gguf, n_ctx=512, n_threads=1)
+    engine = build_engine("batched", [spec], slots=2, kv_unified=settings.kv_unified)
+    try:
+        model = engine._batched[MODEL]  # type: ignore[attr-defined]
+        assert model._kv_unified is True and model._speculator.split is False  # one pass for uneven drafts
+        unified = asyncio.run(answer(engine, chat("What do bees make?", greedy(12))))  # type: ignore[arg-type]
+    finally:
+        asyncio.run(engine.close())
+    split = build_engine("batched", [spec], slots=2)
+    try:
+        alone = asyncio.run(answer(split, chat("What do bees make?", greedy(12))))  # type: ignore[arg-type]
+    finally:
+        asyncio.run(split.close())
+    assert unified and unified == alone  # a request alone in the batch answers the same in both layouts

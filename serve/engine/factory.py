@@ -22,6 +22,7 @@ def build_engine(
     *,
     slots: int = 4,
     prompt_chunk: int = 128,
+    kv_unified: bool = False,
     queue_size: int = 64,
     catalog: Callable[[], list[ModelSpec]] | None = None,
     max_loaded: int = 2,
@@ -30,7 +31,8 @@ def build_engine(
     draft: DraftPolicy | None = DEFAULT_DRAFT,
 ) -> Engine:
     """Load every model (blocking: call it off the event loop). ``batched``: continuous batching, ``slots``
-    sequences per model, reading at most ``prompt_chunk`` prompt tokens per step while others generate; ``serial``:
+    sequences per model (one KV buffer for all with ``kv_unified``), reading at most ``prompt_chunk`` prompt tokens
+    per step while others generate; ``serial``:
     one request at a time per model (``slots`` and ``prompt_chunk`` are ignored). ``queue_size``
     requests may wait per model; beyond that, ``submit`` raises ``EngineOverloadedError``.
 
@@ -54,6 +56,7 @@ def build_engine(
             list(specs),
             slots=slots,
             prompt_chunk=prompt_chunk,
+            kv_unified=kv_unified,
             queue_size=queue_size,
             draft=draft,
         )
