@@ -75,17 +75,30 @@ def parse_scalar(text: str) -> Any:
         return text
 
 
+class _Null:
+    """The value of ``--set KEY=null``: KEY becomes null. (A plain ``None`` among overrides means "not given", as
+    CLI options left unset pass it.)"""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+NULL = _Null()
+
+
 def parse_overrides(items: Sequence[str] | None, flag: str = "--set") -> dict[str, Any]:
     """``["training.max_steps=10", "merge.enabled=false"]`` -> ``{"training.max_steps": 10, "merge.enabled": False}``.
 
-    The one parser of ``--set KEY=VALUE`` for every stage; values are read as YAML scalars.
+    The one parser of ``--set KEY=VALUE`` for every stage; values are read as YAML scalars (``null``, ``~`` or
+    nothing after ``=``: ``NULL``, which sets KEY to null).
     """
     out: dict[str, Any] = {}
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE (for example {flag} port=9000)")
-        out[key.strip()] = parse_scalar(value)
+        parsed = parse_scalar(value)
+        out[key.strip()] = NULL if parsed is None else parsed
     return out
 
 
@@ -166,7 +179,9 @@ def load_config(
         for key, value in env_overrides(env_prefix, environ).items():
             set_dotted(data, key, value)
     for key, value in (overrides or {}).items():
-        if value is not None:
+        if value is NULL:
+            set_dotted(data, key, None)
+        elif value is not None:  # None: an option not given
             set_dotted(data, key, value)
     try:
         return model.model_validate(data)

@@ -60,6 +60,19 @@ def test_env_then_cli_overrides(tmp_path: Path) -> None:
     assert (s.port, s.models[0].n_ctx) == (9002, 2048)
 
 
+def test_set_null_sets_null_while_an_option_not_given_changes_nothing(tmp_path: Path) -> None:
+    from edgellm.config import NULL, parse_overrides
+
+    assert parse_overrides(["models.0.n_ctx=null", "a=~", "b=", "c=0"]) == {
+        "models.0.n_ctx": NULL, "a": NULL, "b": NULL, "c": 0,
+    }  # fmt: skip
+    p = write(tmp_path, "port: 8000\nmodels:\n  - {name: a, path: a.gguf, n_ctx: 512}\n")
+    s = load_serve_settings(p, {"port": None, **parse_overrides(["models.0.n_ctx=null"])}, environ={})
+    assert s.port == 8000 and s.models[0].n_ctx is None  # null: sized from the model and the machine
+    with pytest.raises(ConfigError, match="port"):
+        load_serve_settings(p, parse_overrides(["port=null"]), environ={})
+
+
 def test_bad_env_override_names_key(tmp_path: Path) -> None:
     p = write(tmp_path, "models:\n  - {name: a, path: a.gguf}\n")
     with pytest.raises(ConfigError, match=r"max_body_bytes: Input should be greater than or equal to 1024"):
