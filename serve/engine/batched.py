@@ -414,10 +414,10 @@ class BatchedModel:
         step = self._batch.build(slots)
         if not step.n_tokens:
             return
+        timed = self._speculator is not None and not step.reading  # what a row costs, for the drafts' worth
+        rows = [1 + (len(s.drafting.draft) if s.drafting is not None else 0) for s in step.generating] if timed else []
         t0 = time.perf_counter()
         self.llama.decode(self._batch.batch)
-        # what a row costs (decoded and sampled), for the drafts' worth
-        rows = [1 + (len(s.drafting.draft) if s.drafting is not None else 0) for s in step.generating]
         self.n_decode += 1
         self.n_decoded_seqs += len(slots)
         ctx = self.llama.ctx
@@ -432,7 +432,8 @@ class BatchedModel:
                 self._slots.truncate(s, len(s.cache))
                 continue
             self._sample(s, ctx)
-        if self._speculator is not None and not step.reading:
+        if timed:  # decoded and sampled
+            assert self._speculator is not None
             self._speculator.observe(rows, time.perf_counter() - t0)
 
     def _propose(self, slots: list[Slot]) -> None:

@@ -32,9 +32,9 @@ def build_engine(
 ) -> Engine:
     """Load every model (blocking: call it off the event loop). ``batched``: continuous batching, ``slots``
     sequences per model (one KV buffer for all with ``kv_unified``), reading at most ``prompt_chunk`` prompt tokens
-    per step while others generate; ``serial``:
-    one request at a time per model (``slots`` and ``prompt_chunk`` are ignored). ``queue_size``
-    requests may wait per model; beyond that, ``submit`` raises ``EngineOverloadedError``.
+    per step while others generate; ``serial``: one request at a time per model (``slots``, ``prompt_chunk`` and
+    ``kv_unified`` are ignored). ``queue_size`` requests may wait per model; beyond that, ``submit`` raises
+    ``EngineOverloadedError``.
 
     ``draft`` (batched only): how speculative decoding from the context (and jump-forward under grammars) drafts,
     ``None`` for not at all; see ``speculative.py``.
