@@ -3,7 +3,7 @@
     edgellm bench workloads --edgellm --llama-server ../shared/tools/llama-server/llama-server --out reports/workloads
     edgellm bench workloads --server mine=http://127.0.0.1:8000 --server theirs=http://127.0.0.1:8080
 
-The request set (``bench/data/workloads-v1.jsonl``, versioned, written for the project, CC0) holds several requests
+The request set (``bench/data/workloads-v2.jsonl``, versioned, written for the project, CC0) holds several requests
 of each workload: ``chat`` (free chat, nothing to copy), ``rag`` (an answer quoting given passages), ``rewrite`` (a
 paragraph with small edits), ``code_edit`` (code in, the whole changed code out), ``extract`` (JSON-schema
 ``response_format``) and ``multiturn`` (a chat asked to repeat an earlier turn). Each has a fixed ``max_tokens``; all
@@ -15,8 +15,12 @@ llama.cpp's own server twice: drafting off (``llama-server``) and with n-gram dr
 ``--llama-spec``), all with the same model, threads, slots and per-slot context. All run at once (idle ones cost
 nothing) and take turns round by round, in rotating order, so the machine's drift weighs on all alike.
 
-For each workload and each level of concurrent streams (1 and 4), ``rounds`` rounds: round r sends requests
-``r*n .. r*n+n-1`` (modulo the workload's requests) at once. Per workload, level and server:
+For each workload and each level of concurrent streams (1 and 4), ``rounds`` rounds: a round sends the workload's
+next ``n`` requests at once, each level going on where the one before stopped (``schedule``), so with the shipped
+set (16 requests per workload) and the default levels and rounds no request is sent twice in a run: a server that
+remembers earlier answers (a shared n-gram cache such as llama-server's ``ngram-mod`` or edgellm's
+``draft.shared``) cannot replay them. The report counts the requests a run sends again (``repeats``), and the warm-up
+request is not one of the set. Per workload, level and server:
 
 - aggregate tok/s = completion tokens of all streams / wall time of the rounds;
 - TTFT p50/p95 = request sent -> first non-empty content chunk;
@@ -58,7 +62,7 @@ log = logging.getLogger(__name__)
 
 WORKLOADS = ("chat", "rag", "rewrite", "code_edit", "extract", "multiturn")
 COPY_HEAVY = ("rag", "rewrite", "code_edit", "extract")
-REQUEST_SET = "bench/data/workloads-v1.jsonl"
+REQUEST_SET = "bench/data/workloads-v2.jsonl"
 DEFAULT_MODEL = Path("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 # llama-server's n-gram drafting for the comparison: the setting the issue measured (ngram-simple: a 12-token
 # lookup, up to 48 drafted tokens); --llama-spec tries others (shorter lookups, ngram-map-k, ngram-mod)
@@ -117,6 +121,7 @@ class WorkloadReport:
     request_set: str
     request_set_sha256: str
     servers: dict[str, str]  # name -> how it was started (or its URL)
+    repeats: int  # requests sent again in the run (answers a server may have kept from the first time)
     created_at: str
     cells: list[Cell] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
@@ -136,7 +141,7 @@ class WorkloadReport:
 
 # -- the request set ------------------------------------------------------------------------------------------------
 def load_requests(path: Path | None = None) -> list[WorkloadRequest]:
-    """The requests of a set (default: the shipped ``workloads-v1``); a bad line is named with its number."""
+    """The requests of a set (default: the shipped ``workloads-v2``); a bad line is named with its number."""
     path = path if path is not None else shipped(REQUEST_SET)
     out: list[WorkloadRequest] = []
     for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -162,6 +167,38 @@ def load_requests(path: Path | None = None) -> list[WorkloadRequest]:
 
 
 # -- driving the servers --------------------------------------------------------------------------------------------
+# the first request to each server (threads, caches, grammar compilation), not one of the set
+WARMUP = WorkloadRequest("warmup", "chat", 16, ({"role": "user", "content": "Say hello in five words."},))
+
+
+def schedule(reqs: Sequence[WorkloadRequest], levels: Sequence[int], rounds: int) -> list[list[list[WorkloadRequest]]]:
+    """One workload's rounds per level: each round the next ``n`` requests (``n`` streams), each level going on where
+    the one before stopped, wrapping around when the workload has fewer requests than the run sends."""
+    out: list[list[list[WorkloadRequest]]] = []
+    sent = 0
+    for n in levels:
+        level = []
+        for _ in range(rounds):
+            level.append([reqs[(sent + j) % len(reqs)] for j in range(n)])
+            sent += n
+        out.append(level)
+    return out
+
+
+def count_repeats(plans: Sequence[list[list[list[WorkloadRequest]]]]) -> int:
+    """Requests sent again in a run (same id, same workload)."""
+    seen: set[tuple[str, str]] = set()
+    again = 0
+    for plan in plans:
+        for level in plan:
+            for batch in level:
+                for r in batch:
+                    key = (r.workload, r.id)
+                    again += key in seen
+                    seen.add(key)
+    return again
+
+
 async def one_request(client: httpx.AsyncClient, server: str, url: str, model: str, req: WorkloadRequest) -> StreamResult:
     from edgellm.bench.client import stream_chat
 
@@ -220,15 +257,13 @@ async def run_workloads(
     servers = list(urls)
     cells: list[Cell] = []
     async with httpx.AsyncClient(timeout=600, trust_env=False, limits=limits) as client:
-        first = next(iter(requests.values()))[0]
-        for s in servers:  # warm up (first-request costs: threads, caches, grammar compilation)
-            await one_request(client, s, urls[s], names[s], first)
+        for s in servers:
+            await one_request(client, s, urls[s], names[s], WARMUP)
         for workload, reqs in requests.items():
-            for n in levels:
+            for n, level in zip(levels, schedule(reqs, levels, rounds), strict=True):
                 results: dict[str, list[tuple[WorkloadRequest, StreamResult]]] = {s: [] for s in servers}
                 walls: dict[str, list[float]] = {s: [] for s in servers}
-                for r in range(rounds):
-                    batch = [reqs[(r * n + j) % len(reqs)] for j in range(n)]
+                for r, batch in enumerate(level):
                     for s in servers[r % len(servers) :] + servers[: r % len(servers)]:
                         t0 = time.perf_counter()
                         got = await asyncio.gather(*(one_request(client, s, urls[s], names[s], q) for q in batch))
@@ -260,7 +295,7 @@ def bench_workloads(
     slots: int = 4,
     n_ctx: int = 2048,
     levels: Sequence[int] = (1, 4),
-    rounds: int = 4,
+    rounds: int = 3,
     workloads: Sequence[str] | None = None,
     per_workload: int | None = None,
     request_set: Path | None = None,
@@ -317,6 +352,7 @@ def bench_workloads(
         request_set=set_path.name,
         request_set_sha256=hashlib.sha256(set_path.read_bytes()).hexdigest(),
         servers=described,
+        repeats=count_repeats([schedule(reqs, list(levels), rounds) for reqs in requests.values()]),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         cells=cells,
     )
@@ -338,6 +374,11 @@ def workloads_table(r: WorkloadReport) -> str:
     lines = [
         f"model {Path(r.model).name}, {r.threads} threads, {r.slots} slots of {r.n_ctx} tokens, {r.rounds} round(s) "
         f"per level, request set {r.request_set} (sha256 {r.request_set_sha256[:12]}), temperature 0, {r.created_at}",
+        "",
+        f"{r.repeats} request(s) sent a second time in this run: a server that keeps earlier answers may replay "
+        "them (with a shared n-gram cache)"
+        if r.repeats
+        else "no request sent twice in this run",
         "",
         *(f"- {name}: {how}" for name, how in r.servers.items()),
         "",
@@ -438,7 +479,7 @@ def add_workloads_parser(
     w.add_argument("--slots", type=int, default=4, help="slots of servers started here (default: 4)")
     w.add_argument("--ctx", type=int, default=2048, help="context per slot (default: 2048)")
     w.add_argument("--levels", type=int_list, default=[1, 4], help="concurrent streams (default: 1,4)")
-    w.add_argument("--rounds", type=int, default=4, help="rounds per workload and level (default: 4)")
+    w.add_argument("--rounds", type=int, default=3, help="rounds per workload and level (default: 3)")
     w.add_argument("--workloads", default=",".join(WORKLOADS), help=f"a subset of {','.join(WORKLOADS)}")
     w.add_argument("--requests", type=int, default=None, help="use the first N requests of each workload")
     w.add_argument("--request-set", type=Path, default=None, help=f"a JSONL request set (default: {REQUEST_SET})")

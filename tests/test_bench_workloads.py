@@ -12,10 +12,13 @@ import pytest
 from edgellm.bench.errors import BenchError
 from edgellm.bench.workloads import (
     COPY_HEAVY,
+    WARMUP,
     WORKLOADS,
     bench_workloads,
+    count_repeats,
     load_requests,
     parse_variant,
+    schedule,
     workloads_table,
 )
 
@@ -39,6 +42,22 @@ def test_the_shipped_set_has_several_requests_of_every_workload() -> None:
         else:
             assert "response_format" not in body
     assert any(m["role"] == "assistant" for r in reqs if r.workload == "multiturn" for m in r.messages)
+
+
+def test_each_level_goes_on_where_the_last_stopped_so_the_default_run_sends_no_request_twice() -> None:
+    reqs = load_requests()
+    chat = [r for r in reqs if r.workload == "chat"]
+    plan = schedule(chat, [1, 4], 3)
+    assert [[[r.id for r in b] for b in level] for level in plan] == [
+        [["chat-1"], ["chat-2"], ["chat-3"]],
+        [["chat-4", "chat-5", "chat-6", "chat-7"], ["chat-8", "chat-9", "chat-10", "chat-11"],
+         ["chat-12", "chat-13", "chat-14", "chat-15"]],
+    ]  # fmt: skip
+    # the defaults (levels 1 and 4, 3 rounds) on the shipped set: nothing a server could replay from an earlier answer
+    assert count_repeats([schedule([r for r in reqs if r.workload == w], [1, 4], 3) for w in WORKLOADS]) == 0
+    assert WARMUP.id not in {r.id for r in reqs}
+    # a small set wraps around, and the repeats are counted
+    assert count_repeats([schedule(chat[:4], [1, 4], 3)]) == 11
 
 
 def test_a_bad_request_line_is_named(tmp_path: Path) -> None:
@@ -86,7 +105,8 @@ def test_a_short_run_against_edgellm(default_gguf: Path, tmp_path: Path) -> None
         per_workload=2,
         out=out,
     )
-    assert list(r.servers) == ["edgellm"] and r.request_set == "workloads-v1.jsonl"
+    assert list(r.servers) == ["edgellm"] and r.request_set == "workloads-v2.jsonl"
+    assert r.repeats == 2  # per workload: level 1 sends request 1, level 2 requests 2 and 1 again (of 2)
     assert [(c.workload, c.streams) for c in r.cells] == [("rewrite", 1), ("rewrite", 2), ("extract", 1), ("extract", 2)]
     for c in r.cells:
         assert c.requests == c.streams and c.tokens > 0 and c.aggregate > 0 and 0 < c.ttft_p50 <= c.ttft_p95
@@ -103,7 +123,7 @@ def test_a_short_run_against_edgellm(default_gguf: Path, tmp_path: Path) -> None
             assert isinstance(json.loads(text), dict)
     table = (out / "workloads.md").read_text()
     assert table == workloads_table(r)
-    assert "| extract | 2 | edgellm |" in table
+    assert "| extract | 2 | edgellm |" in table and "2 request(s) sent a second time" in table
     data = json.loads((out / "workloads.json").read_text())
     assert data["cells"][0]["server"] == "edgellm" and "acceptance" in data["cells"][0]
     assert (out / "workloads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
