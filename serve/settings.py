@@ -217,7 +217,8 @@ class DraftSettings(_Strict):
     (up to llama.cpp's rounding at near ties), sampled output keeps its distribution. ``jump_forward``: under a
     grammar, propose the text it forced in earlier answers under the same grammar (shared across clients: its speed
     can reveal whether another client's answer went the same way: off by default, keep it off between untrusted
-    tenants)."""
+    tenants). ``shared``: also draft from the model's earlier requests, prompts and answers (llama-server's
+    ``ngram-mod``; the same caution: off by default)."""
 
     enabled: bool = Field(True, description="draft tokens from the context and verify them in one batch")
     n_max: int = Field(8, ge=1, le=64, description="most draft tokens per stream and step")
@@ -225,6 +226,10 @@ class DraftSettings(_Strict):
     ngram_min: int = Field(2, ge=1, le=16, description="shortest n-gram matched against the context")
     jump_forward: bool = Field(
         False, description="under a grammar, draft the text it forced in earlier answers under the same grammar"
+    )
+    shared: bool = Field(
+        False, description="also draft from the prompts and answers of the model's earlier requests (shared by all "
+        "clients: its speed can reveal whether another client's text went the same way)"
     )
     cost_aware: bool = Field(
         True,
@@ -236,7 +241,9 @@ class DraftSettings(_Strict):
         """The engine's drafting policy (None: drafting off)."""
         if not self.enabled:
             return None
-        return DraftPolicy(self.n_max, self.ngram_max, self.ngram_min, self.jump_forward, self.cost_aware)
+        return DraftPolicy(
+            self.n_max, self.ngram_max, self.ngram_min, self.jump_forward, self.cost_aware, self.shared
+        )
 
     @model_validator(mode="after")
     def _ngram_order(self) -> DraftSettings:

@@ -484,3 +484,47 @@ def test_no_drafts_beside_a_prompt_with_a_split_cache_but_guesses_still_learn() 
         seen = spec.odds._seen.get((5, 3), 0.0)
         sd.settle([4])
         assert spec.odds._seen[(5, 3)] == seen + 1  # scored all the same
+
+
+def test_the_shared_cache_comes_after_the_longest_own_match_and_before_shorter_ones() -> None:
+    shared = NgramCache(n=4, m=5, capacity=100)
+    shared.add([50, 40, 41, 42, 43, 44, 45, 46])  # another request's text: 40 41 42 43 -> 44 45 46
+    grammar = NgramCache(n=3, m=5, capacity=100)
+    grammar.add([41, 42, 43, 90, 91])
+    d = NgramDrafter(cache=grammar, shared=shared)
+    # own 4-gram match wins
+    assert d.propose([40, 41, 42, 43, 7, 8, 40, 41, 42, 43], 3) == [7, 8, 40] and d.match_n == 4
+    # own 3-gram match (42 43 -> 9) loses to the shared 4-gram
+    assert d.propose([1, 42, 43, 9, 40, 41, 42, 43], 3) == [44, 45, 46] and d.match_n == -2
+    # no own match, no shared match: the grammar's cache
+    assert d.propose([1, 2, 41, 42, 43], 2) == [90, 91] and d.match_n == -1
+    # a 4-gram the shared cache lacks: the own shorter match
+    assert d.propose([5, 42, 43, 9, 6, 42, 43], 2) == [9, 6] and d.match_n == 2
+    # n_min == n_max: the shared cache is still consulted after the own match fails
+    d4 = NgramDrafter(n_max=4, n_min=4, shared=shared)
+    assert d4.propose([9, 40, 41, 42, 43], 2) == [44, 45] and d4.match_n == -2
+
+
+def test_a_finished_request_teaches_the_next_through_the_shared_cache() -> None:
+    from edgellm.serve.engine.speculative import Speculator
+
+    prompt, answer = [1, 2, 3, 4, 5, 6], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]
+    for shared, expected in ((False, []), (True, answer[:4])):  # AdaptiveK starts at 4 tokens
+        spec = Speculator(n_max=8, cost_aware=False, shared=shared)
+        first = spec.start(n_prompt=len(prompt), grammar=None)
+        propose(spec, first, prompt[:-1], prompt[-1], limit=8)
+        first.settle([answer[0]])
+        first.drafter.extend(answer[1:])
+        spec.finish(first)
+        again = spec.start(n_prompt=len(prompt), grammar=None)  # the same request again
+        guess = propose(spec, again, prompt[:-1], prompt[-1], limit=8)
+        assert guess == expected
+        assert (spec.shared is not None and len(spec.shared) > 0) == shared
+
+
+def test_the_shared_cache_is_a_setting_off_by_default() -> None:
+    from edgellm.serve.settings import DraftSettings
+
+    assert DraftSettings().policy().speculator().shared is None  # type: ignore[union-attr]
+    spec = DraftSettings(shared=True).policy().speculator()  # type: ignore[union-attr]
+    assert isinstance(spec.shared, NgramCache) and spec.shared.n == 4 and spec.shared.m == 8

@@ -103,11 +103,13 @@ def check_same(name: str, reference: Answer, got: Answer) -> None:
     log.warning("%s: near tie at character %d (margin %.4f)", name, index, margin)
 
 
-def make_engine(path: Path, draft: bool, slots: int = 4, jump_forward: bool = False) -> BatchedEngine:
+def make_engine(
+    path: Path, draft: bool, slots: int = 4, jump_forward: bool = False, shared: bool = False
+) -> BatchedEngine:
     """Drafting on means drafting whatever matches (``cost_aware=False``): these tests are about verification, and
     a cost-aware policy would draft little on a busy box."""
     spec = ModelSpec(name=MODEL, path=path, n_ctx=N_CTX, n_threads=2)
-    policy = DraftPolicy(jump_forward=jump_forward, cost_aware=False) if draft else None
+    policy = DraftPolicy(jump_forward=jump_forward, cost_aware=False, shared=shared) if draft else None
     return BatchedEngine([spec], slots=slots, queue_size=16, draft=policy)
 
 
@@ -156,6 +158,33 @@ def test_eight_concurrent_mixed_requests_match_drafting_off(off: BatchedEngine, 
         assert sum(g.finished.timings.draft_n_accepted for g in got) > 0
 
     asyncio.run(go())
+
+
+def test_the_shared_cache_drafts_an_answer_given_before_and_the_answer_stays_the_same(
+    default_gguf: Path, off: BatchedEngine
+) -> None:
+    """``draft.shared``: a finished request's prompt and answer go into the model's shared n-gram cache, so the same
+    question again (a regenerated answer, another client) drafts most of its answer, verified as any draft."""
+    content, max_tokens = "Explain how a bicycle's gears help a rider climb a steep hill.", 64
+    engine = make_engine(default_gguf, draft=True, slots=1, shared=True)
+
+    async def go() -> None:
+        reference = await run(off, request(content, max_tokens, logprobs=True))
+        first = await run(engine, request(content, max_tokens))
+        again = await run(engine, request(content, max_tokens))
+        other = await run(engine, request("Name three colors.", 24))  # not in the cache: little to draft
+        for name, got in (("shared, first", first), ("shared, again", again)):
+            check_same(name, reference, got)
+        t1, t2 = first.finished.timings, again.finished.timings
+        log.info("shared cache: first %s, again %s", t1, t2)
+        assert t2.draft_n_accepted >= again.finished.completion_tokens // 2, (t1, t2)
+        assert t2.draft_n_accepted >= t1.draft_n_accepted + again.finished.completion_tokens // 4, (t1, t2)
+        assert other.finished.timings.draft_n_accepted < other.finished.completion_tokens // 2
+
+    try:
+        asyncio.run(go())
+    finally:
+        asyncio.run(engine.close())
 
 
 def test_stop_strings_and_max_tokens_end_a_drafted_answer_where_they_would(

@@ -24,11 +24,13 @@ free chat (", and", "of the"): ``AdaptiveK`` is what keeps them cheap there. lla
 12 tokens and drafts only when 12 more follow, which misses short copies entirely; its ``lookup`` example and
 ``ngram-cache`` use n = 1..4 with statistics instead.
 
-``NgramCache`` (optional, off unless the engine creates one): n-grams of finished sequences, shared across requests,
-consulted when a sequence's own context has no match (a model's recurring phrasings, a client re-sending a system
-prompt's boilerplate). Bounded (least recently used out). It changes only speed, never output, under greedy
-verification; but speed is observable, so a deployment serving mutually untrusted clients should keep it off (or
-one per tenant): how fast an answer comes out reveals whether another request's text continued the same way.
+``NgramCache`` (optional, off unless the engine creates one): n-grams of finished sequences, shared across requests.
+Two uses: the model's *shared* cache (``draft.shared``: every finished request's prompt and answer, consulted after
+the sequence's own longest match and before its shorter ones: a regenerated answer, a client re-sending the same
+question, an agent's recurring boilerplate; llama-server's ``ngram-mod`` is the same idea), and a grammar's cache
+(jump-forward, consulted last). Bounded (least recently used out). It changes only speed, never output, under
+greedy verification; but speed is observable, so a deployment serving mutually untrusted clients should keep it off
+(or one per tenant): how fast an answer comes out reveals whether another request's text continued the same way.
 
 ``AdaptiveK`` (per sequence) turns acceptance into the next draft length:
 
@@ -106,13 +108,16 @@ class NgramDrafter:
     changed before its end is re-synchronised from the first difference (a rescan of what changed).
     """
 
-    def __init__(self, n_max: int = 4, n_min: int = 2, cache: NgramCache | None = None) -> None:
+    def __init__(
+        self, n_max: int = 4, n_min: int = 2, cache: NgramCache | None = None, shared: NgramCache | None = None
+    ) -> None:
         if not 1 <= n_min <= n_max:
             raise ValueError(f"NgramDrafter needs 1 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
         self.n_max = n_max
         self.n_min = n_min
-        self.cache = cache
-        self.match_n = 0  # the n-gram size the last draft matched (0: none; -1: the shared cache)
+        self.cache = cache  # consulted last (a grammar's continuations)
+        self.shared = shared  # consulted after the own context's longest match (other requests' text)
+        self.match_n = 0  # the n-gram size the last draft matched (0: none; -1: ``cache``; -2: ``shared``)
         self._tokens: list[int] = []
         # per n: n-gram -> the positions where it ended, ascending; only n-grams followed by a known token
         self._index: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in range(n_min, n_max + 1)}
@@ -174,7 +179,8 @@ class NgramDrafter:
 
     def propose(self, tokens: Sequence[int], k: int) -> list[int]:
         """Up to ``k`` tokens to draft after ``tokens``: what followed the most recent earlier occurrence of its last
-        n tokens, for the largest n in ``n_max .. n_min`` that occurs; else the shared cache's guess; else []."""
+        n tokens, for the largest n in ``n_max .. n_min`` that occurs (but the ``shared`` cache's guess, if any,
+        before a match shorter than ``n_max``); else ``cache``'s guess; else []."""
         self.sync(tokens)
         return self.draft(k)
 
@@ -185,12 +191,24 @@ class NgramDrafter:
         size = len(toks)
         if k <= 0 or size == 0:
             return []
+        shared = self.shared
         for n in range(min(self.n_max, size), self.n_min - 1, -1):
+            if n < self.n_max and shared is not None:
+                guess = shared.lookup(toks, k)
+                if guess:
+                    self.match_n = -2
+                    return guess
+                shared = None  # looked up once
             positions = self._index[n].get(tuple(toks[size - n :]))
             if positions:
                 start = positions[-1] + 1  # <= size - 1: entries always have a successor
                 self.match_n = n
                 return toks[start : min(start + k, size)]
+        if shared is not None:  # no match at all (or n_min == n_max)
+            guess = shared.lookup(toks, k)
+            if guess:
+                self.match_n = -2
+                return guess
         if self.cache is not None:
             guess = self.cache.lookup(toks, k)
             if guess:

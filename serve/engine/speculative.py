@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 
 GRAMMAR_NGRAM = 3  # tokens of context that key a grammar's learned continuation (``"name": "`` -> ...)
 GRAMMAR_CACHES = 32  # grammars whose continuations are kept (least recently used out)
+SHARED_NGRAMS = 65536  # n-grams the shared cache keeps (least recently used out; ~20 MB)
 STREAK_CAP = 8  # right guesses in a row beyond this count as this many (the odds stop changing)
 HALF_LIFE = 512  # a key's counts halve past this many guesses: the model follows a change of workload
 DRAFT_MARGIN = 1.05  # a step drafts only when expected to yield this much more per second than without
@@ -285,17 +286,21 @@ class DraftPolicy:
     """How a batched model drafts (``None`` instead of a policy: it does not). ``n_max`` tokens at most per slot and
     step; n-gram matches of ``ngram_max`` down to ``ngram_min`` tokens; ``jump_forward``: learn each grammar's
     continuations; ``cost_aware``: draft only the tokens worth their rows (False: whatever ``AdaptiveK`` allows, for
-    tests and measurements)."""
+    tests and measurements); ``shared``: also draft from the model's finished requests (an ``NgramCache`` of their
+    prompts and answers, shared across requests and clients)."""
 
     n_max: int = 8
     ngram_max: int = 4
     ngram_min: int = 2
     jump_forward: bool = False
     cost_aware: bool = True
+    shared: bool = False
 
     def speculator(self, split: bool = True) -> Speculator:
         """The policy for one model (``split``: its KV cache is split per sequence)."""
-        return Speculator(self.n_max, self.ngram_max, self.ngram_min, self.jump_forward, self.cost_aware, split)
+        return Speculator(
+            self.n_max, self.ngram_max, self.ngram_min, self.jump_forward, self.cost_aware, split, self.shared
+        )
 
 
 DEFAULT_DRAFT = DraftPolicy()
@@ -304,8 +309,9 @@ DEFAULT_DRAFT = DraftPolicy()
 class Speculator:
     """One model's drafting policy: ``n_max`` tokens at most per slot and step, n-gram matches of ``ngram_max``
     down to ``ngram_min`` tokens; ``jump_forward``: learn each grammar's continuations; ``cost_aware``: draft only
-    the tokens worth their rows (``StepCost``; False drafts whatever ``AdaptiveK`` allows). See the module docstring.
-    Used by the scheduler thread only."""
+    the tokens worth their rows (``StepCost``; False drafts whatever ``AdaptiveK`` allows); ``shared``: keep an
+    ``NgramCache`` of the finished requests for all to draft from. See the module docstring. Used by the scheduler
+    thread only."""
 
     def __init__(
         self,
@@ -315,6 +321,7 @@ class Speculator:
         jump_forward: bool = False,
         cost_aware: bool = True,
         split: bool = True,
+        shared: bool = False,
     ) -> None:
         if n_max < 1:
             raise ValueError(f"draft n_max must be >= 1, got {n_max}")
@@ -329,13 +336,14 @@ class Speculator:
         self.cost = StepCost()
         self.odds = AcceptanceModel()
         self._grammar_caches: OrderedDict[Grammar, NgramCache] = OrderedDict()
+        self.shared = NgramCache(n=ngram_max, m=n_max, capacity=SHARED_NGRAMS) if shared else None
 
     def start(self, n_prompt: int, grammar: Grammar | None) -> SlotDraft:
         """A new request's drafting state (``grammar``: the one its output follows, if any)."""
         cache = self._grammar_cache(grammar) if grammar is not None and self.jump_forward else None
         k_start = min(4, self.n_max)
         return SlotDraft(
-            NgramDrafter(self.ngram_max, self.ngram_min, cache),
+            NgramDrafter(self.ngram_max, self.ngram_min, cache, self.shared),
             AdaptiveK(k_max=self.n_max, k_start=k_start, probe_k=min(2, self.n_max)),
             n_prompt,
             self.odds,
@@ -380,11 +388,14 @@ class Speculator:
             self.cost.observe(sum(lengths), seconds)
 
     def finish(self, sd: SlotDraft) -> None:
-        """A request under a grammar ended (its last tokens settled): remember what its output continued with, from
-        the last few prompt tokens (the template's assistant header) on, for the next requests under it."""
-        if sd.grammar is None or len(sd.drafter) <= sd.n_prompt:
+        """A request ended (its last tokens settled): with the shared cache, remember its prompt and answer for the
+        next requests; under a grammar, what its output continued with, from the last few prompt tokens (the
+        template's assistant header) on, for the next requests under it."""
+        if len(sd.drafter) <= sd.n_prompt:
             return
-        cache = self._grammar_caches.get(sd.grammar)
+        if self.shared is not None:
+            self.shared.add(sd.drafter.tokens)
+        cache = self._grammar_caches.get(sd.grammar) if sd.grammar is not None else None
         if cache is not None:
             cache.add(sd.drafter.tokens[max(0, sd.n_prompt - GRAMMAR_NGRAM) :])
 
