@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgellm.bench.charts import save_png, subplots
+from edgellm.bench.tables import markdown_table
 from edgellm.fsutil import atomic_write_text
 from edgellm.serve.engine import (
     ChatMessage,
@@ -228,12 +230,13 @@ def grammar_table(r: GrammarSpeed) -> str:
         f"Decode speed with a JSON-schema grammar ({Path(r.model).name}, {r.threads} threads, up to {r.n_tokens} "
         f"tokens, {r.rounds} rounds per level)",
         "",
-        "| streams | grammar | decode tok/s | vs none | tokens |",
-        "|--:|---|--:|--:|--:|",
+        *markdown_table(
+            ["streams", "grammar", "decode tok/s", "vs none", "tokens"],
+            "rlrrr",
+            ([str(c.streams), c.variant, f"{c.decode_tps:.1f}", f"{c.ratio:.2f}", str(c.tokens)] for c in r.cells),
+        ),
+        "",
     ]
-    for c in r.cells:
-        lines.append(f"| {c.streams} | {c.variant} | {c.decode_tps:.1f} | {c.ratio:.2f} | {c.tokens} |")
-    lines.append("")
     firsts = ", ".join(f"{v} {ms:.0f} ms" for v, ms in r.first_submit_ms.items())
     lines.append(f"First submit of each (schema -> grammar, llama.cpp's parse, tokenizing): {firsts}")
     return "\n".join(lines) + "\n"
@@ -241,12 +244,7 @@ def grammar_table(r: GrammarSpeed) -> str:
 
 def grammar_chart(r: GrammarSpeed, path: Path) -> None:
     """Decode tok/s per variant, grouped by level of concurrency, with each grammar's ratio to none on its bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = subplots(figsize=(7, 4.2))
     levels = sorted({c.streams for c in r.cells})
     width = 0.8 / len(VARIANTS)
     for k, v in enumerate(VARIANTS):
@@ -262,8 +260,7 @@ def grammar_chart(r: GrammarSpeed, path: Path) -> None:
     ax.grid(alpha=0.3, axis="y")
     ax.legend(title="grammar")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
 
 
 __all__ = ["GrammarSpeed", "compare_grammar_speed", "grammar_chart", "grammar_table", "large_schema"]

@@ -34,9 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgellm.bench.charts import save_png, subplots
 from edgellm.bench.errors import BenchError
 from edgellm.bench.servers import rss_mb as _rss_mb
 from edgellm.bench.servers import server_pid
+from edgellm.bench.tables import markdown_table
 from edgellm.fsutil import atomic_write_text
 from edgellm.launch import running_server
 
@@ -239,38 +241,42 @@ def table(r: OnDemandResult) -> str:
         f"{r.tokens} tokens, n_ctx {r.n_ctx}, threads {r.threads or 'default'}; load average "
         f"{' / '.join(f'{x:.2f}' for x in r.load_average)} (1/5/15 min at start, then at end)",
         "",
-        "| figure | median | all rounds |",
-        "|---|--:|---|",
-        f"| time to first token, model not loaded (s) | {_f(_median(r.cold_ttft_s), '.2f')} | "
-        f"{', '.join(f'{x:.2f}' for x in r.cold_ttft_s)} |",
-        f"| time to first token, model loaded (s) | {_f(_median(r.warm_ttft_s), '.3f')} | "
-        f"{', '.join(f'{x:.3f}' for x in r.warm_ttft_s)} |",
-        f"| load of the other model beside the stream (s) | {_f(_median(r.load_s), '.2f')} | "
-        f"{', '.join(f'{x:.2f}' for x in r.load_s)} |",
-        f"| streamer decode alone (tok/s) | {_f(_median(r.alone_tps), '.1f')} | "
-        f"{', '.join(f'{x:.1f}' for x in r.alone_tps)} |",
-        f"| streamer decode while the other loads (tok/s) | {_f(_median(r.during_load_tps), '.1f')} | "
-        f"{', '.join(f'{x:.1f}' for x in r.during_load_tps)} ({', '.join(map(str, r.tokens_during_load))} tokens) |",
-        f"| ratio during load / alone | {_f(ratio, '.2f')} | |",
+        *markdown_table(
+            ["figure", "median", "all rounds"],
+            "lrl",
+            [
+                ["time to first token, model not loaded (s)", _f(_median(r.cold_ttft_s), ".2f"),
+                 ", ".join(f"{x:.2f}" for x in r.cold_ttft_s)],
+                ["time to first token, model loaded (s)", _f(_median(r.warm_ttft_s), ".3f"),
+                 ", ".join(f"{x:.3f}" for x in r.warm_ttft_s)],
+                ["load of the other model beside the stream (s)", _f(_median(r.load_s), ".2f"),
+                 ", ".join(f"{x:.2f}" for x in r.load_s)],
+                ["streamer decode alone (tok/s)", _f(_median(r.alone_tps), ".1f"),
+                 ", ".join(f"{x:.1f}" for x in r.alone_tps)],
+                ["streamer decode while the other loads (tok/s)", _f(_median(r.during_load_tps), ".1f"),
+                 f"{', '.join(f'{x:.1f}' for x in r.during_load_tps)} "
+                 f"({', '.join(map(str, r.tokens_during_load))} tokens)"],
+                ["ratio during load / alone", _f(ratio, ".2f"), None],
+            ],
+        ),
         "",
-        "| server RSS | MB |",
-        "|---|--:|",
-        f"| streamer alone loaded | {r.rss_one_mb:.1f} |",
-        f"| both loaded | {r.rss_two_mb:.1f} |",
-        f"| after keep_alive 0 unloaded the second | {r.rss_after_unload_mb:.1f} |",
-        f"| freed by the unload | {freed:.1f} (estimate of the model: {r.estimate_mb:.1f}) |",
+        *markdown_table(
+            ["server RSS", "MB"],
+            "lr",
+            [
+                ["streamer alone loaded", f"{r.rss_one_mb:.1f}"],
+                ["both loaded", f"{r.rss_two_mb:.1f}"],
+                ["after keep_alive 0 unloaded the second", f"{r.rss_after_unload_mb:.1f}"],
+                ["freed by the unload", f"{freed:.1f} (estimate of the model: {r.estimate_mb:.1f})"],
+            ],
+        ),
     ]
     return "\n".join(lines)
 
 
 def chart(r: OnDemandResult, path: Path) -> None:
     """Three panels: time to first token cold and warm, decode tok/s alone and during a load, RSS by stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = subplots(1, 3, figsize=(15, 4))
     panels: tuple[tuple[list[str], list[float | None], str], ...] = (
         (["not loaded", "loaded"], [_median(r.cold_ttft_s), _median(r.warm_ttft_s)], "time to first token, s"),
         (["alone", "beside a load"], [_median(r.alone_tps), _median(r.during_load_tps)], "streamer decode, tok/s"),
@@ -286,8 +292,7 @@ def chart(r: OnDemandResult, path: Path) -> None:
     fig.suptitle(f"edgellm bench ondemand ({r.rounds} rounds; decode ratio during a load "
                  f"{_f(r.decode_ratio, '.2f')})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def save(result: OnDemandResult, out: Path) -> None:

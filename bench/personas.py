@@ -30,9 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgellm.bench.charts import save_png, subplots
 from edgellm.bench.client import chat_body, stream_chat
 from edgellm.bench.errors import BenchError
 from edgellm.bench.servers import rss_mb, server_env, server_pid
+from edgellm.bench.tables import markdown_table
 from edgellm.fsutil import atomic_write_text
 from edgellm.launch import running_server
 from edgellm.manifest import load_adapter_manifest
@@ -182,23 +184,20 @@ def table(r: PersonasResult) -> str:
         f"{r.threads} threads, {r.max_tokens} tokens per stream, median of {r.rounds} rounds; load average "
         f"{r.load_average[0]:.2f} before, {r.load_average[3]:.2f} after",
         "",
-        "| configuration | streams | aggregate tok/s | vs base | server RSS MB | failed streams |",
-        "|---|---|--:|--:|--:|--:|",
     ]
+    rows = []
     for c in r.configs:
         ratio = c.tok_s_median / base.tok_s_median if base and base.tok_s_median else float("nan")
-        lines.append(f"| {c.name} | {', '.join(c.streams)} | {c.tok_s_median:.1f} | {ratio:.2f}x | {c.rss_mb:.0f} | "
-                     f"{c.errors} |")
+        rows.append([c.name, ", ".join(c.streams), f"{c.tok_s_median:.1f}", f"{ratio:.2f}x", f"{c.rss_mb:.0f}",
+                     str(c.errors)])
+    lines += markdown_table(
+        ["configuration", "streams", "aggregate tok/s", "vs base", "server RSS MB", "failed streams"], "llrrrr", rows
+    )
     return "\n".join(lines)
 
 
 def chart(r: PersonasResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     names = [c.name for c in r.configs]
     for ax, values, title in ((axes[0], [c.tok_s_median for c in r.configs], "aggregate tok/s"),
                               (axes[1], [c.rss_mb for c in r.configs], "server RSS (MB)")):
@@ -208,8 +207,7 @@ def chart(r: PersonasResult, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"edgellm bench personas: {len(r.adapters)} streams, LoRA on one base vs merged GGUFs")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def save(result: PersonasResult, out: Path) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgellm.bench.charts import save_png, subplots
 from edgellm.bench.results import EngineComparison, QuantReport, ServeReport
-from edgellm.fsutil import atomic_path
+from edgellm.bench.tables import markdown_table
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -31,10 +32,8 @@ def quant_table(report: QuantReport) -> str:
         + f"), {sys_.get('physical_cpus')} physical / {sys_.get('logical_cpus')} logical CPUs. "
         "Peak RSS is the whole measuring process (Python + llama.cpp + model); load time with mmap.",
         "",
-        f"| variant | type | size MiB | BPW | load s | peak RSS MiB | pp{report.n_prompt} t/s | tg{report.n_gen} t/s "
-        "| PPL | ln(PPL/PPL ref) | mean KLD | p99 KLD | top-1 agree |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+    rows = []
     for v in report.variants:
         q = v.quality
         if v.is_reference:
@@ -47,44 +46,33 @@ def quant_table(report: QuantReport) -> str:
                 f"{q['kld_p99']:.4f}",
                 f"{100 * q['top1_agreement']:.1f}%",
             ]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    v.label,
-                    v.quant,
-                    f"{v.size_bytes / 2**20:.1f}",
-                    f"{v.bits_per_weight:.2f}",
-                    f"{v.load_s:.2f}",
-                    f"{v.peak_rss_mib:.0f}",
-                    _speed(v.pp),
-                    _speed(v.tg),
-                    *quality,
-                ]
-            )
-            + " |"
+        rows.append(
+            [
+                v.label,
+                v.quant,
+                f"{v.size_bytes / 2**20:.1f}",
+                f"{v.bits_per_weight:.2f}",
+                f"{v.load_s:.2f}",
+                f"{v.peak_rss_mib:.0f}",
+                _speed(v.pp),
+                _speed(v.tg),
+                *quality,
+            ]
         )
+    lines += markdown_table(
+        ["variant", "type", "size MiB", "BPW", "load s", "peak RSS MiB", f"pp{report.n_prompt} t/s",
+         f"tg{report.n_gen} t/s", "PPL", "ln(PPL/PPL ref)", "mean KLD", "p99 KLD", "top-1 agree"],
+        "ll" + "r" * 11,
+        rows,
+    )
     n_scored = report.variants[0].quality["n_scored"]
     lines += ["", f"{n_scored} scored tokens; {report.n_text_tokens} tokens in the text.", ""]
     return "\n".join(lines)
 
 
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
 def quant_chart(report: QuantReport, path: Path) -> None:
     """Left: mean and p99 KL divergence vs size on disk; right: pp and tg tokens/s per variant (median, stdev)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_q, ax_pp, ax_tg) = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, (ax_q, ax_pp, ax_tg) = subplots(1, 3, figsize=(15, 4.5))
     for v in report.variants:
         size = v.size_bytes / 2**20
         if v.is_reference:
@@ -121,7 +109,7 @@ def quant_chart(report: QuantReport, path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{report.model}: quantization variants")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path, dpi=120)
 
 
 def _ms(x: float | None) -> str:
@@ -137,30 +125,27 @@ def serve_table(report: ServeReport) -> str:
         "server's usage chunk when it sends one, else counted as content chunks. Inter-token latency is the gap "
         "between content chunks.",
         "",
-        "| concurrency | ok | errors | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | latency p50 s "
-        "| completion tokens | tokens/s (aggregate) | wall s |",
-        "|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        *markdown_table(
+            ["concurrency", "ok", "errors", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms", "latency p50 s",
+             "completion tokens", "tokens/s (aggregate)", "wall s"],
+            "rrl" + "r" * 8,
+            (
+                [str(lv.concurrency), f"{lv.ok}/{lv.requests}",
+                 ", ".join(f"{k}: {n}" for k, n in sorted(lv.errors.items())) or "0",
+                 _ms(lv.ttft_p50_s), _ms(lv.ttft_p95_s), _ms(lv.itl_p50_s), _ms(lv.itl_p95_s),
+                 _f(lv.latency_p50_s, ".2f"), str(lv.completion_tokens), f"{lv.tokens_per_s:.1f}", f"{lv.wall_s:.2f}"]
+                for lv in report.levels
+            ),
+        ),
+        "",
     ]
-    for lv in report.levels:
-        errors = ", ".join(f"{k}: {n}" for k, n in sorted(lv.errors.items())) or "0"
-        lines.append(
-            f"| {lv.concurrency} | {lv.ok}/{lv.requests} | {errors} | {_ms(lv.ttft_p50_s)} | {_ms(lv.ttft_p95_s)} "
-            f"| {_ms(lv.itl_p50_s)} | {_ms(lv.itl_p95_s)} | {_f(lv.latency_p50_s, '.2f')} | {lv.completion_tokens} "
-            f"| {lv.tokens_per_s:.1f} | {lv.wall_s:.2f} |"
-        )
-    lines.append("")
     return "\n".join(lines)
 
 
 def serve_chart(report: ServeReport, path: Path) -> None:
     """Left: TTFT and ITL percentiles vs concurrency; right: aggregate completion tokens/s vs concurrency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     conc = [lv.concurrency for lv in report.levels]
-    fig, (ax_l, ax_t) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax_l, ax_t) = subplots(1, 2, figsize=(11, 4.5))
     for attr, style, name in (
         ("ttft_p50_s", "o-", "TTFT p50"),
         ("ttft_p95_s", "o--", "TTFT p95"),
@@ -189,7 +174,7 @@ def serve_chart(report: ServeReport, path: Path) -> None:
     ax_t.grid(alpha=0.3)
     fig.suptitle(f"{report.url} ({report.model})")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path, dpi=120)
 
 
 def engines_table(r: EngineComparison) -> str:
@@ -202,28 +187,28 @@ def engines_table(r: EngineComparison) -> str:
         f"after (mean {tg:.1f}); pp512 {r.raw_before['pp512']:.0f} tok/s; the chat prompt ({r.prompt_tokens} "
         f"tokens) in {pp_ms:.1f} ms",
         "",
-        "| engine | streams | aggregate tok/s | x raw tg | per-stream tok/s | TTFT p50 ms | TTFT p95 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| raw llama_decode | 1 | {tg:.1f} | 1.00 | {tg:.1f} | {pp_ms:.1f} | |",
+        *markdown_table(
+            ["engine", "streams", "aggregate tok/s", "x raw tg", "per-stream tok/s", "TTFT p50 ms", "TTFT p95 ms"],
+            "l" + "r" * 6,
+            [
+                ["raw llama_decode", "1", f"{tg:.1f}", "1.00", f"{tg:.1f}", f"{pp_ms:.1f}", None],
+                *(
+                    [engine, str(x.streams), f"{x.aggregate:.1f}", f"{x.aggregate / tg:.2f}", f"{x.per_stream:.1f}",
+                     f"{x.ttft_p50:.1f}", f"{x.ttft_p95:.1f}"]
+                    for engine, levels in r.rows.items()
+                    for x in levels
+                ),
+            ],
+            right="---:",
+        ),
     ]
-    for engine, levels in r.rows.items():
-        for x in levels:
-            lines.append(
-                f"| {engine} | {x.streams} | {x.aggregate:.1f} | {x.aggregate / tg:.2f} | {x.per_stream:.1f} "
-                f"| {x.ttft_p50:.1f} | {x.ttft_p95:.1f} |"
-            )
     return "\n".join(lines) + "\n"
 
 
 def engines_chart(result: EngineComparison, path: Path) -> None:
     """Left: aggregate tokens/s vs concurrent streams per engine, the raw batch-1 decode speed as a line;
     right: TTFT p50 (bars) and p95 (whiskers) per engine and level."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax_t, ax_l) = subplots(1, 2, figsize=(11, 4.5))
     engines = list(result.rows)
     for name in engines:
         levels = result.rows[name]
@@ -259,4 +244,4 @@ def engines_chart(result: EngineComparison, path: Path) -> None:
     prompts = "cold prompts" if result.cold else "shared system prompt"
     fig.suptitle(f"{Path(result.model).name}: {result.threads} threads, {result.n_tokens}-token answers, {prompts}")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path, dpi=120)

@@ -32,9 +32,11 @@ from typing import Any, Literal
 
 import httpx
 
+from edgellm.bench.charts import save_png, subplots
 from edgellm.bench.client import chat_body, stream_chat
 from edgellm.bench.errors import BenchError
 from edgellm.bench.stats import percentile
+from edgellm.bench.tables import markdown_table
 from edgellm.fsutil import atomic_write_text
 from edgellm.launch import running_server
 
@@ -258,29 +260,26 @@ def table(result: RetrievalBench) -> str:
         f"`bench {result.kind}`: {result.batch} {what} per request, {result.threads} thread(s) per backend, chat model "
         f"{Path(result.chat_model).name}",
         "",
-        f"| backend | {what}/s | p50 ms | p95 ms | peak RSS MB | start-up to ready s | chat tok/s alone | "
-        f"chat tok/s alongside |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        *markdown_table(
+            ["backend", f"{what}/s", "p50 ms", "p95 ms", "peak RSS MB", "start-up to ready s", "chat tok/s alone",
+             "chat tok/s alongside"],
+            "l" + "r" * 7,
+            (
+                [r.backend, f"{r.docs_per_s:.0f}", f"{r.p50_ms:.0f}", f"{r.p95_ms:.0f}", f"{r.peak_rss_mb:.0f}",
+                 f"{r.startup_s:.1f}", f"{r.chat_tok_s_alone:.1f}", f"{r.chat_tok_s_alongside:.1f}"]
+                for r in result.rows
+            ),
+        ),
     ]
-    for r in result.rows:
-        lines.append(
-            f"| {r.backend} | {r.docs_per_s:.0f} | {r.p50_ms:.0f} | {r.p95_ms:.0f} | {r.peak_rss_mb:.0f} | "
-            f"{r.startup_s:.1f} | {r.chat_tok_s_alone:.1f} | {r.chat_tok_s_alongside:.1f} |"
-        )
     return "\n".join(lines)
 
 
 def chart(result: RetrievalBench, path: Path) -> None:
     """Four panels, one bar per backend: throughput, latency (p50 bar, p95 whisker), peak RSS and start-up, chat
     decode speed alone and alongside."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [r.backend for r in result.rows]
     xs = list(range(len(names)))
-    fig, axes = plt.subplots(1, 4, figsize=(15, 4))
+    fig, axes = subplots(1, 4, figsize=(15, 4))
     axes[0].bar(xs, [r.docs_per_s for r in result.rows], color="tab:blue")
     axes[0].set_title(f"{'documents' if result.kind == 'rerank' else 'inputs'}/s")
     p50 = [r.p50_ms for r in result.rows]
@@ -301,5 +300,4 @@ def chart(result: RetrievalBench, path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"edgellm bench {result.kind}: sentence-transformers vs llama.cpp behind edgellm serve")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)

@@ -34,10 +34,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from edgellm.bench.charts import save_png, subplots
 from edgellm.bench.client import chat_body, stream_chat
 from edgellm.bench.errors import BenchError
 from edgellm.bench.loadtest import check_loopback
 from edgellm.bench.stats import percentile
+from edgellm.bench.tables import markdown_table
 from edgellm.fsutil import atomic_write_text
 from edgellm.launch import running_server
 
@@ -377,24 +379,23 @@ def table(result: SoakResult) -> str:
         f"end {_f(result.rss_end_mb, '.1f')} MB: **{_f(result.rss_growth_pct, '+.2f')}%**; open file descriptors "
         f"{result.fds_start} at the start, {result.fds_end} at the end.",
         "",
-        "| kind | requests | outcomes | p50 ms | p95 ms |",
-        "|---|--:|---|--:|--:|",
+        *markdown_table(
+            ["kind", "requests", "outcomes", "p50 ms", "p95 ms"],
+            "lrlrr",
+            (
+                [k.kind, str(k.requests), ", ".join(f"{name} {n}" for name, n in k.outcomes.items()),
+                 _f(k.p50_ms, ".0f"), _f(k.p95_ms, ".0f")]
+                for k in result.kinds
+            ),
+        ),
     ]
-    for k in result.kinds:
-        outcomes = ", ".join(f"{name} {n}" for name, n in k.outcomes.items())
-        lines.append(f"| {k.kind} | {k.requests} | {outcomes} | {_f(k.p50_ms, '.0f')} | {_f(k.p95_ms, '.0f')} |")
     return "\n".join(lines)
 
 
 def chart(result: SoakResult, path: Path) -> None:
     """RSS, open descriptors and requests done over time; the warm-up shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     t = [s.t_s / 60 for s in result.samples]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = subplots(1, 3, figsize=(15, 4))
     panels = (
         ([s.rss_mb for s in result.samples], "resident memory, MB"),
         ([s.fds for s in result.samples], "open file descriptors"),
@@ -412,8 +413,7 @@ def chart(result: SoakResult, path: Path) -> None:
         f"{_f(result.rss_growth_pct, '+.2f')}%, {result.server_errors} server errors"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def save(result: SoakResult, out: Path) -> None:

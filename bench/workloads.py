@@ -48,8 +48,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgellm.bench import servers as launch
+from edgellm.bench.charts import save_png, subplots
 from edgellm.bench.errors import BenchError
 from edgellm.bench.stats import percentile
+from edgellm.bench.tables import markdown_table
 from edgellm.fsutil import atomic_write_text
 from edgellm.paths import shipped
 
@@ -382,9 +384,8 @@ def workloads_table(r: WorkloadReport) -> str:
         "",
         *(f"- {name}: {how}" for name, how in r.servers.items()),
         "",
-        f"| workload | streams | server | tok/s | x {base} | TTFT p50 ms | TTFT p95 ms | draft accepted | JSON ok |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+    rows = []
     for w in dict.fromkeys(c.workload for c in r.cells):
         for n in r.levels:
             ref = r.cell(base, w, n)
@@ -396,27 +397,26 @@ def workloads_table(r: WorkloadReport) -> str:
                 acc = "–" if c.draft_n is None else f"{c.draft_n_accepted}/{c.draft_n}" + (
                     f" ({100 * c.acceptance:.0f}%)" if c.acceptance is not None else ""
                 )
-                js = "" if c.json_ok is None else f"{c.json_ok}/{c.requests}"
-                lines.append(
-                    f"| {w} | {n} | {s} | {c.aggregate:.1f} | {ratio} | {c.ttft_p50:.0f} | {c.ttft_p95:.0f} "
-                    f"| {acc} | {js} |"
+                js = "" if c.json_ok is None else f"{c.json_ok}/{c.requests}"  # "" keeps the two spaces: "|  |"
+                rows.append(
+                    [w, str(n), s, f"{c.aggregate:.1f}", ratio, f"{c.ttft_p50:.0f}", f"{c.ttft_p95:.0f}", acc, js]
                 )
+    lines += markdown_table(
+        ["workload", "streams", "server", "tok/s", f"x {base}", "TTFT p50 ms", "TTFT p95 ms", "draft accepted",
+         "JSON ok"],
+        "lrl" + "r" * 6,
+        rows,
+        right="---:",
+    )
     return "\n".join(lines) + "\n"
 
 
 def workloads_chart(r: WorkloadReport, path: Path) -> None:
     """One column per level of concurrency: aggregate tok/s (top) and TTFT p50 with p95 whiskers (bottom), grouped
     by workload, one bar per server."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from edgellm.fsutil import atomic_path
-
     servers = list(r.servers)
     workloads = list(dict.fromkeys(c.workload for c in r.cells))
-    fig, axes = plt.subplots(2, len(r.levels), figsize=(6.5 * len(r.levels), 8), squeeze=False)
+    fig, axes = subplots(2, len(r.levels), figsize=(6.5 * len(r.levels), 8), squeeze=False)
     width = 0.8 / max(1, len(servers))
     for col, n in enumerate(r.levels):
         ax_t, ax_l = axes[0][col], axes[1][col]
@@ -437,9 +437,7 @@ def workloads_chart(r: WorkloadReport, path: Path) -> None:
         ax_t.legend(fontsize=8)
     fig.suptitle(f"{Path(r.model).name}: workloads ({r.request_set}), {r.threads} threads, temperature 0")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def save_report(report: WorkloadReport, out: Path) -> None:
