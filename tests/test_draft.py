@@ -528,3 +528,40 @@ def test_the_shared_cache_is_a_setting_off_by_default() -> None:
     assert DraftSettings().policy().speculator().shared is None  # type: ignore[union-attr]
     spec = DraftSettings(shared=True).policy().speculator()  # type: ignore[union-attr]
     assert isinstance(spec.shared, NgramCache) and spec.shared.n == 4 and spec.shared.m == 8
+
+
+def test_drafts_stop_where_drafted_steps_are_seen_to_yield_less_than_undrafted_ones() -> None:
+    from edgellm.serve.engine.speculative import REALIZED_MIN, REALIZED_PROBE, RealizedYield
+
+    r = RealizedYield()
+    assert r.drafts_pay(4) and r.rate(4, True) is None  # nothing measured: the estimates decide
+    for _ in range(REALIZED_MIN):
+        r.observe(4, False, 4, 0.025)  # 160 tok/s without drafts
+        r.observe(4, True, 6, 0.050)  # 120 tok/s with them
+        r.observe(1, False, 1, 0.011)
+        r.observe(1, True, 3, 0.020)  # 150 against 91: drafts pay at one stream
+    assert r.rate(4, False) == pytest.approx(160) and r.rate(4, True) == pytest.approx(120)
+    assert all(r.drafts_pay(1) for _ in range(20))
+    verdicts = [r.drafts_pay(4) for _ in range(4 * REALIZED_PROBE)]
+    assert sum(verdicts) == 4  # one probe in REALIZED_PROBE keeps the drafted mean current
+    for _ in range(60):  # the probes find drafts paying again (a copy-heavy stretch): they go on
+        r.observe(4, True, 12, 0.050)
+    assert r.drafts_pay(4)
+
+
+def test_the_speculator_holds_back_drafts_its_realised_yield_says_do_not_pay() -> None:
+    from edgellm.serve.engine.speculative import REALIZED_MIN, Speculator
+
+    spec = Speculator(n_max=8)
+    measured(spec.cost, SMOLLM2)
+    copy = list(range(100, 140))
+    seq = [*copy, 7, 7, *copy[:6]]
+    sd = spec.start(n_prompt=len(seq), grammar=None)
+    sd.streak = 8
+    for _ in range(50):
+        spec.odds.observe(8, 4, True)
+    assert propose(spec, sd, seq[:-1], seq[-1]) != []  # the estimates say a draft pays
+    for _ in range(REALIZED_MIN):
+        spec.observe([1], 0.011, emitted=1)
+        spec.observe([5], 0.040, emitted=2)  # but drafted steps were seen yielding 50 tok/s against 91
+    assert propose(spec, sd, seq[:-1], seq[-1]) == [] and sd.guess  # still guessed (and scored), not drafted

@@ -416,6 +416,7 @@ class BatchedModel:
             return
         timed = self._speculator is not None and not step.reading  # what a row costs, for the drafts' worth
         rows = [1 + (len(s.drafting.draft) if s.drafting is not None else 0) for s in step.generating] if timed else []
+        before = sum(s.n_decoded for s in step.generating) if timed else 0
         t0 = time.perf_counter()
         self.llama.decode(self._batch.batch)
         self.n_decode += 1
@@ -434,7 +435,8 @@ class BatchedModel:
             self._sample(s, ctx)
         if timed:  # decoded and sampled
             assert self._speculator is not None
-            self._speculator.observe(rows, time.perf_counter() - t0)
+            emitted = sum(s.n_decoded for s in step.generating) - before
+            self._speculator.observe(rows, time.perf_counter() - t0, emitted)
 
     def _propose(self, slots: list[Slot]) -> None:
         """Choose the generating slots' drafts for this step: within the batch (drafts come before prompt chunks),

@@ -53,7 +53,9 @@ stream drafting beside three that do not costs a second pass (``step_seconds``),
 tokens each cost one pass of 12 rows; so with a split cache all generating streams draft or none (measured:
 partial drafts at four streams lost up to 16% against drafting off even with the extra pass priced in), and a
 step that also reads a prompt chunk does not draft. Only one-pass steps teach
-``StepCost``. Free chat thus decodes as without drafting (its guesses are seen to miss, at no cost), a copy starts
+``StepCost``. And the estimates are checked against what happens (``RealizedYield``): per number of streams, the
+tokens per second of the steps that drafted against those that did not; where drafted steps yield less, drafts stop
+but for an occasional probe. Free chat thus decodes as without drafting (its guesses are seen to miss, at no cost), a copy starts
 drafting within a few tokens of starting, and the drafts are as long as the measured costs say they pay.
 (Measured on this box, rewrite at one stream: 1.26-1.34x the speed with drafting off, against 1.03-1.05x with the earlier
 per-stream acceptance and probes.)
@@ -80,6 +82,9 @@ STREAK_CAP = 8  # right guesses in a row beyond this count as this many (the odd
 HALF_LIFE = 512  # a key's counts halve past this many guesses: the model follows a change of workload
 DRAFT_MARGIN = 1.05  # a step drafts only when expected to yield this much more per second than without
 CALIBRATION_PRIOR = 4.0  # guesses' weight of the prior that a request's guesses fare as the shared odds say
+REALIZED_MIN = 24  # steps of each kind (drafted, not) at a number of streams before their yields are compared
+REALIZED_DECAY = 0.05  # weight of a step in the moving mean of realised tokens per second
+REALIZED_PROBE = 8  # while drafts yield less than no drafts, one chosen draft in this many still goes (to re-measure)
 
 
 class StepCost:
@@ -174,6 +179,42 @@ class AcceptanceModel:
             total += chance
             out.append(total)
         return out
+
+
+class RealizedYield:
+    """The check on the estimates: tokens emitted per second by the steps that drafted and by those that did not,
+    per number of generating streams (moving means). The odds and costs behind ``choose_drafts`` are estimates, and
+    at several streams with prompts arriving they erred (rewrite at four streams: 0.88-0.91x of drafting off in two
+    runs); where drafted steps are seen to yield less than undrafted ones, drafts stop there but for one probe in
+    ``REALIZED_PROBE`` that keeps the drafted mean current."""
+
+    def __init__(self) -> None:
+        self._rate: dict[tuple[int, bool], float] = {}
+        self._count: dict[tuple[int, bool], int] = {}
+        self._skipped: dict[int, int] = {}
+
+    def observe(self, streams: int, drafted: bool, emitted: int, seconds: float) -> None:
+        if seconds <= 0 or emitted <= 0:
+            return
+        key = (streams, drafted)
+        rate, old = emitted / seconds, self._rate.get(key)
+        n = self._count[key] = self._count.get(key, 0) + 1
+        # the plain mean until the moving mean's horizon, then the moving mean
+        self._rate[key] = rate if old is None else old + max(REALIZED_DECAY, 1 / n) * (rate - old)
+
+    def rate(self, streams: int, drafted: bool) -> float | None:
+        """The realised tokens per second, once ``REALIZED_MIN`` such steps were seen."""
+        key = (streams, drafted)
+        return self._rate[key] if self._count.get(key, 0) >= REALIZED_MIN else None
+
+    def drafts_pay(self, streams: int) -> bool:
+        """Whether a draft chosen at ``streams`` generating streams should go: yes until both kinds of step are
+        measured, then while drafted steps yield at least as much as undrafted ones; else one in ``REALIZED_PROBE``."""
+        with_drafts, without = self.rate(streams, True), self.rate(streams, False)
+        if with_drafts is None or without is None or with_drafts >= without:
+            return True
+        skipped = self._skipped[streams] = self._skipped.get(streams, 0) + 1
+        return skipped % REALIZED_PROBE == 0
 
 
 def step_seconds(cost: StepCost, lengths: list[int], split: bool) -> float:
@@ -335,6 +376,7 @@ class Speculator:
         self.split = split  # the KV cache is split per sequence (llama.cpp decodes uneven rows in passes)
         self.cost = StepCost()
         self.odds = AcceptanceModel()
+        self.realized = RealizedYield()
         self._grammar_caches: OrderedDict[Grammar, NgramCache] = OrderedDict()
         self.shared = NgramCache(n=ngram_max, m=n_max, capacity=SHARED_NGRAMS) if shared else None
 
@@ -375,17 +417,22 @@ class Speculator:
             gains.append(self.odds.gains(sd.streak, sd.match_n, cap, sd.calibration) if cap > 0 else [])
         if self.cost_aware and not (reading and self.split):
             k, chosen = choose_drafts(self.cost, gains, room, self.split)
+            if chosen and not self.realized.drafts_pay(len(slots)):
+                chosen = []
             for i in chosen:
                 sd = slots[i][0]
                 sd.draft = sd.guess[:k]
         for sd, *_ in slots:
             sd.n_drafted += len(sd.draft)
 
-    def observe(self, lengths: list[int], seconds: float) -> None:
-        """A decode step that read no prompt took ``seconds`` with these rows per generating sequence: learned as
-        the cost of its rows if llama.cpp did it in one pass."""
+    def observe(self, lengths: list[int], seconds: float, emitted: int | None = None) -> None:
+        """A decode step that read no prompt took ``seconds`` (decoding and sampling) with these rows per generating
+        sequence and ``emitted`` tokens: learned as the cost of its rows if llama.cpp did it in one pass, and as the
+        realised yield of a step with or without drafts at that many streams."""
         if not self.split or len(set(lengths)) == 1:
             self.cost.observe(sum(lengths), seconds)
+        if emitted is not None and lengths:
+            self.realized.observe(len(lengths), any(n > 1 for n in lengths), emitted, seconds)
 
     def finish(self, sd: SlotDraft) -> None:
         """A request ended (its last tokens settled): with the shared cache, remember its prompt and answer for the
@@ -415,6 +462,7 @@ __all__ = [
     "AcceptanceModel",
     "GRAMMAR_NGRAM",
     "DraftPolicy",
+    "RealizedYield",
     "SlotDraft",
     "Speculator",
     "StepCost",
