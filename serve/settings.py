@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from edgellm.config import load_config
 from edgellm.manifest import PersonaProfile
+from edgellm.serve.engine.batch import PROMPT_CHUNK
 from edgellm.serve.engine.embed import EmbedBackend
 from edgellm.serve.engine.factory import EngineKind
 from edgellm.serve.engine.rerank import RerankBackend, backend_for
@@ -261,7 +262,7 @@ class ServeSettings(_Strict):
     )
     slots: int = Field(4, ge=1, le=64, description="batched engine: sequences decoded together per model")
     prompt_chunk: int = Field(
-        128,
+        PROMPT_CHUNK,
         ge=16,
         le=8192,
         description="batched engine: prompt tokens read per step while other streams generate (larger: more "

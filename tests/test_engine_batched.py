@@ -512,7 +512,7 @@ def test_prompt_chunk_is_a_setting_that_reaches_the_batch(default_gguf: Path) ->
     models = {"models": [{"name": "m", "path": str(default_gguf)}]}
     settings = load_serve_settings(None, {**models, "prompt_chunk": 512}, environ={})
     assert settings.prompt_chunk == 512
-    assert load_serve_settings(None, models, environ={}).prompt_chunk == 128
+    assert load_serve_settings(None, models, environ={}).prompt_chunk == 256
     with pytest.raises(ConfigError, match="prompt_chunk"):
         load_serve_settings(None, {**models, "prompt_chunk": 8}, environ={})
     spec = ModelSpec(name="m", path=default_gguf, n_ctx=512, n_threads=1)

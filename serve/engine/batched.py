@@ -76,7 +76,7 @@ from edgellm.serve.engine.base import (
     Timings,
     TokenLogprob,
 )
-from edgellm.serve.engine.batch import BatchBuilder
+from edgellm.serve.engine.batch import PROMPT_CHUNK, BatchBuilder
 from edgellm.serve.engine.context import LlamaContext
 from edgellm.serve.engine.detok import Detokenizer, StopMatcher
 from edgellm.serve.engine.grammar import GrammarCache
@@ -110,7 +110,7 @@ class BatchedModel:
         slots: int,
         queue_size: int,
         scheduler: Scheduler | None = None,
-        prompt_chunk: int = 128,
+        prompt_chunk: int = PROMPT_CHUNK,
         prompt_min_batch: int = 32,
         kv_unified: bool = False,
         flash_attn: bool | None = None,
@@ -592,7 +592,7 @@ class BatchedEngine(ModelPool):
         specs: list[ModelSpec],
         slots: int = 4,
         queue_size: int = 64,
-        prompt_chunk: int = 128,
+        prompt_chunk: int = PROMPT_CHUNK,
         kv_unified: bool = False,
         flash_attn: bool | None = None,
         draft: DraftPolicy | None = DEFAULT_DRAFT,

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from edgellm.serve.engine.base import Engine
+from edgellm.serve.engine.batch import PROMPT_CHUNK
 from edgellm.serve.engine.specs import ModelSpec
 from edgellm.serve.engine.speculative import DEFAULT_DRAFT, DraftPolicy
 
@@ -21,7 +22,7 @@ def build_engine(
     specs: Sequence[ModelSpec],
     *,
     slots: int = 4,
-    prompt_chunk: int = 128,
+    prompt_chunk: int = PROMPT_CHUNK,
     kv_unified: bool = False,
     queue_size: int = 64,
     catalog: Callable[[], list[ModelSpec]] | None = None,
