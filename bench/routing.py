@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgellm.bench.stats import percentile
+from edgellm.bench.tables import markdown_table
 from edgellm.config import read_yaml
 from edgellm.errors import ConfigError
 from edgellm.fsutil import atomic_write_text
@@ -294,24 +295,30 @@ def _open_embedder(path: Path | None, use: bool, threads: int) -> _ClosableEmbed
 
 
 def table(r: RoutingBench) -> str:
+    kinds = list(r.methods[0].accuracy_by_kind)
     lines = [
         f"Routing {Path(r.data).name} ({r.methods[0].n} messages) to {', '.join(r.personas)} (default {r.default}; "
         f"always-default baseline {r.baseline_accuracy:.1%})",
         "",
-        "| method | threshold | accuracy | " + " | ".join(f"{k}" for k in r.methods[0].accuracy_by_kind)
-        + " | fallbacks | p50 ms | p95 ms |",
-        "|---|---:|---:|" + "---:|" * len(r.methods[0].accuracy_by_kind) + "---:|---:|---:|",
-    ]
-    for m in r.methods:
-        kinds = " | ".join(f"{v:.0%}" for v in m.accuracy_by_kind.values())
-        lines.append(
-            f"| {m.method} | {m.threshold:g} | {m.accuracy:.1%} ({m.correct}/{m.n}) | {kinds} | {m.fallbacks} | "
-            f"{m.latency_ms_p50:.3f} | {m.latency_ms_p95:.3f} |"
-        )
+        *markdown_table(
+            ["method", "threshold", "accuracy", *kinds, "fallbacks", "p50 ms", "p95 ms"],
+            "l" + "r" * (len(kinds) + 5),
+            (
+                [m.method, f"{m.threshold:g}", f"{m.accuracy:.1%} ({m.correct}/{m.n})",
+                 *(f"{v:.0%}" for v in m.accuracy_by_kind.values()), str(m.fallbacks),
+                 f"{m.latency_ms_p50:.3f}", f"{m.latency_ms_p95:.3f}"]
+                for m in r.methods
+            ),
+            right="---:",
+        ),
+    ]  # fmt: skip
     for m in r.methods:
         names = list(next(iter(m.confusion.values())))
-        lines += ["", f"{m.method}: label (rows) vs chosen (columns)", "",
-                  "| label | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-        for label, row in m.confusion.items():
-            lines.append(f"| {label} | " + " | ".join(str(row[n]) for n in names) + " |")
+        lines += ["", f"{m.method}: label (rows) vs chosen (columns)", ""]
+        lines += markdown_table(
+            ["label", *names],
+            "l" + "r" * len(names),
+            ([label, *(str(row[n]) for n in names)] for label, row in m.confusion.items()),
+            right="---:",
+        )
     return "\n".join(lines) + "\n"
