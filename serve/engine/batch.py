@@ -22,8 +22,8 @@ from edgellm.serve.engine.slots import Slot
 
 # prompt tokens a slot reads per step (the serve setting ``prompt_chunk``). Reading a prompt costs ~3.3 ms a token at
 # 256-token chunks against ~3.8 at 128 here (SmolLM2-135M, 2 threads), and the v2 workloads at four streams ran
-# 0.98-1.19x (1.06x on the rewrite, same answers) against 128 in one run; the price is a longer pause (~0.85 s) of
-# the streams decoding beside a cold prompt
+# 0.98-1.19x (1.06x on the rewrite, answers within 2 tokens) against 128 in one run; the price is a longer pause of
+# ~0.85 s in the streams decoding beside a cold prompt
 PROMPT_CHUNK = 256
 
 
