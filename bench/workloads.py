@@ -460,7 +460,7 @@ def add_workloads_parser(
         "workloads",
         help="realistic requests (chat, RAG, rewrite, code edit, JSON extraction, multi-turn) against servers side "
         "by side: tok/s, TTFT, draft acceptance",
-        description="The versioned request set bench/data/workloads-v1.jsonl, greedy and streamed, against every "
+        description="A versioned request set (default bench/data/workloads-v2.jsonl), greedy and streamed, against every "
         "server given (running ones, edgellm started here, llama-server with n-gram drafting off and on), the "
         "servers taking turns round by round at each level of concurrent streams. Prints a Markdown table; --out "
         "also writes JSON and a chart.",

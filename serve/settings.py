@@ -216,17 +216,22 @@ class DraftSettings(_Strict):
     """Speculative decoding from the context in the batched engine (serve/engine/speculative.py): each stream drafts
     up to ``n_max`` tokens copied from its prompt and output, verified in the step's batch; greedy output unchanged
     (up to llama.cpp's rounding at near ties), sampled output keeps its distribution. ``jump_forward``: under a
-    grammar, propose the text it forced in earlier answers under the same grammar (shared across clients: its speed
-    can reveal whether another client's answer went the same way: off by default, keep it off between untrusted
-    tenants). ``shared``: also draft from the model's earlier requests, prompts and answers (llama-server's
-    ``ngram-mod``; the same caution: off by default)."""
+    grammar, draft the text it forces next (serve/engine/forced.py; the request's own grammar and output only).
+    ``jump_forward_learned``: also propose the text it forced in earlier answers under the same grammar (shared
+    across clients: its speed can reveal whether another client's answer went the same way: off by default, keep it
+    off between untrusted tenants). ``shared``: also draft from the model's earlier requests, prompts and answers
+    (llama-server's ``ngram-mod``; the same caution: off by default)."""
 
     enabled: bool = Field(True, description="draft tokens from the context and verify them in one batch")
     n_max: int = Field(8, ge=1, le=64, description="most draft tokens per stream and step")
     ngram_max: int = Field(4, ge=1, le=16, description="longest n-gram matched against the context")
     ngram_min: int = Field(2, ge=1, le=16, description="shortest n-gram matched against the context")
     jump_forward: bool = Field(
-        False, description="under a grammar, draft the text it forced in earlier answers under the same grammar"
+        True, description="under a grammar (JSON schema, JSON mode, tool calls), draft the text it forces next"
+    )
+    jump_forward_learned: bool = Field(
+        False, description="under a grammar, also draft the text it forced in earlier answers under the same grammar "
+        "(shared by all clients using it)"
     )
     shared: bool = Field(
         False, description="also draft from the prompts and answers of the model's earlier requests (shared by all "
@@ -243,7 +248,13 @@ class DraftSettings(_Strict):
         if not self.enabled:
             return None
         return DraftPolicy(
-            self.n_max, self.ngram_max, self.ngram_min, self.jump_forward, self.cost_aware, self.shared
+            self.n_max,
+            self.ngram_max,
+            self.ngram_min,
+            self.jump_forward,
+            self.cost_aware,
+            self.shared,
+            self.jump_forward_learned,
         )
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
-"""Jump-forward under grammars (serve/engine/speculative.py): the text a grammar forced in earlier answers is drafted
-and verified in one batch; at temperature 0 the answers equal step-by-step constrained decoding (drafting off),
-near ties aside (``tests/near_ties.py``), under three JSON schemas."""
+"""Jump-forward under grammars (serve/engine/speculative.py, forced.py): the text a request's grammar forces next
+(and, with ``jump_forward_learned``, what it forced in earlier answers) is drafted and verified in one batch; at
+temperature 0 the answers equal step-by-step constrained decoding (drafting off), near ties aside
+(``tests/near_ties.py``), under three JSON schemas and JSON mode."""
 
 from __future__ import annotations
 
@@ -59,32 +60,73 @@ def request(content: str, schema: dict[str, Any], logprobs: bool) -> GenerationR
 
 
 @pytest.fixture(scope="module")
-def engines(default_gguf: Path) -> Iterator[tuple[BatchedEngine, BatchedEngine]]:
+def engines(default_gguf: Path) -> Iterator[tuple[BatchedEngine, BatchedEngine, BatchedEngine]]:
     off = make_engine(default_gguf, draft=False, slots=2)
-    on = make_engine(default_gguf, draft=True, slots=2, jump_forward=True)
-    yield off, on
-    asyncio.run(off.close())
-    asyncio.run(on.close())
+    forced = make_engine(default_gguf, draft=True, slots=2)  # jump-forward from the grammar: the default
+    learned = make_engine(default_gguf, draft=True, slots=2, jump_forward=False, learned=True)
+    yield off, forced, learned
+    for e in (off, forced, learned):
+        asyncio.run(e.close())
 
 
-def test_jump_forward_equals_step_by_step_under_three_schemas(engines: tuple[BatchedEngine, BatchedEngine]) -> None:
-    off, on = engines
+def compare(off: BatchedEngine, on: BatchedEngine, cases: list[tuple[dict[str, Any], list[str]]]) -> list[Answer]:
+    """Each request on both engines: the answers must be the same (near ties aside) and parse."""
 
     async def go() -> list[Answer]:
-        later: list[Answer] = []
-        for schema, contents in CASES:
-            for i, content in enumerate(contents):
+        answers: list[Answer] = []
+        for schema, contents in cases:
+            for content in contents:
                 reference = await run(off, request(content, schema, logprobs=True))
                 got = await run(on, request(content, schema, logprobs=False))
                 check_same("schema: " + content[:30], reference, got)
                 if reference.text == got.text and got.finished.finish_reason == "stop":
                     json.loads(got.text)
-                if i:
-                    later.append(got)
-        return later
+                answers.append(got)
+        return answers
 
-    later = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_jump_forward_equals_step_by_step_under_three_schemas(
+    engines: tuple[BatchedEngine, BatchedEngine, BatchedEngine],
+) -> None:
+    off, forced, _ = engines
+    answers = compare(off, forced, CASES)
+    # the first answer under each schema already drafts what its grammar forces (nothing learned yet)
+    firsts = answers[:: len(CASES[0][1])]
+    assert all(a.finished.timings.draft_n_accepted > 0 for a in firsts), [a.finished.timings for a in firsts]
+    accepted = sum(a.finished.timings.draft_n_accepted for a in answers)
+    generated = sum(a.finished.timings.predicted_n for a in answers)
+    assert accepted > generated / 5, (accepted, generated)  # keys, punctuation, layout: a good part of the text
+
+
+def test_jump_forward_in_json_mode_and_under_a_requests_own_gbnf(
+    engines: tuple[BatchedEngine, BatchedEngine, BatchedEngine],
+) -> None:
+    off, forced, _ = engines
+    compare(off, forced, [({"type": "object"}, ["Describe a cat as JSON with its name and age."])])
+
+    async def go() -> tuple[Answer, Answer]:
+        gbnf = 'root ::= ("yes" | "no") ", because the sky is " [a-z ]{1,40} "."'
+        params = SamplingParams(max_tokens=40, temperature=0.0)
+        req = GenerationRequest(
+            model=MODEL, messages=(ChatMessage("user", "Is the sky blue?"),), params=params, grammar=gbnf
+        )
+        return await run(off, req), await run(forced, req)
+
+    reference, got = asyncio.run(go())
+    assert got.text == reference.text
+    assert got.text.startswith(("yes, because the sky is ", "no, because the sky is "))
+    assert got.finished.timings.draft_n_accepted >= 3  # ", because the sky is " came in drafts
+
+
+def test_learned_jump_forward_equals_step_by_step_and_learns_per_schema(
+    engines: tuple[BatchedEngine, BatchedEngine, BatchedEngine],
+) -> None:
+    off, _, learned = engines
+    answers = compare(off, learned, CASES)
+    later = [a for i, a in enumerate(answers) if i % len(CASES[0][1])]
     # the second answer under each schema is drafted from what the grammar forced in the first
     assert sum(a.finished.timings.draft_n_accepted for a in later) > 0
-    assert on._batched[MODEL]._speculator is not None
-    assert len(on._batched[MODEL]._speculator._grammar_caches) == len(CASES)
+    assert learned._batched[MODEL]._speculator is not None
+    assert len(learned._batched[MODEL]._speculator._grammar_caches) == len(CASES)

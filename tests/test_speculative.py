@@ -104,12 +104,24 @@ def check_same(name: str, reference: Answer, got: Answer) -> None:
 
 
 def make_engine(
-    path: Path, draft: bool, slots: int = 4, jump_forward: bool = False, shared: bool = False
+    path: Path,
+    draft: bool,
+    slots: int = 4,
+    jump_forward: bool = True,
+    shared: bool = False,
+    learned: bool = False,
+    cost_aware: bool = False,
 ) -> BatchedEngine:
     """Drafting on means drafting whatever matches (``cost_aware=False``): these tests are about verification, and
     a cost-aware policy would draft little on a busy box."""
     spec = ModelSpec(name=MODEL, path=path, n_ctx=N_CTX, n_threads=2)
-    policy = DraftPolicy(jump_forward=jump_forward, cost_aware=False, shared=shared) if draft else None
+    policy = (
+        DraftPolicy(
+            jump_forward=jump_forward, cost_aware=cost_aware, shared=shared, jump_forward_learned=learned
+        )
+        if draft
+        else None
+    )
     return BatchedEngine([spec], slots=slots, queue_size=16, draft=policy)
 
 

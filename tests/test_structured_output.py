@@ -323,6 +323,48 @@ def test_json_schemas_always_validate(
         model.model_validate_json(text, strict=True)
 
 
+WIDE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        key: {"type": "string", "maxLength": 30}
+        for key in (
+            "full_name", "home_address", "favourite_colour", "occupation_title", "employer_name",
+            "emergency_contact", "preferred_language", "dietary_requirements", "membership_number", "notes_for_staff",
+        )
+    },
+    "required": [
+        "full_name", "home_address", "favourite_colour", "occupation_title", "employer_name",
+        "emergency_contact", "preferred_language", "dietary_requirements", "membership_number", "notes_for_staff",
+    ],
+    "additionalProperties": False,
+}
+
+
+def test_a_schema_with_many_required_keys_still_validates_at_a_tight_budget(client: openai.OpenAI) -> None:
+    """Ten required keys still to write need more than brackets: the closing reserve covers the grammar's shortest
+    completion (serve/engine/sampling.py ``JsonTracker``), so an answer cut by ``max_tokens`` still validates."""
+
+    def one(i: int) -> tuple[str, str | None]:
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Fill in the membership form of {SUBJECTS[i]}, in detail."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "form", "schema": WIDE_SCHEMA}},
+            temperature=0.8,
+            seed=7 + i,
+            max_tokens=140,
+        )
+        return r.choices[0].message.content or "", r.choices[0].finish_reason
+
+    answers = _many(one, 4)
+    for text, finish in answers:
+        assert finish in ("stop", "length")
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AssertionError(f"{finish}: {text!r}") from e
+        assert set(doc) == set(WIDE_SCHEMA["required"]), text
+
+
 class City(BaseModel):
     name: str = Field(max_length=40)
     country: str = Field(max_length=40)

@@ -26,9 +26,10 @@ step that reads no prompt is timed for that). They ride in the batch after its `
 by step decoding would), stopping at the first token that differs from the draft; the KV of the rows after it is
 removed (``SlotTable.truncate``) so ``slot.cache`` holds accepted tokens only. Greedy output is the same as without
 drafts (up to llama.cpp's batch-shape rounding at near ties); sampled requests keep their distribution (a
-point-mass draft accepted exactly when the sampler drew it). **Jump-forward under grammars** (``jump_forward``, off
-by default): the text a grammar forces is learned per grammar and proposed as a draft, verified the same way, so a
-run of forced tokens is appended in one batch and the output equals step-by-step constrained decoding. ``Timings.draft_n`` /
+point-mass draft accepted exactly when the sampler drew it). **Jump-forward under grammars** (``jump_forward``, on
+by default): the text a request's grammar forces next (``forced.py``) is tokenized and proposed as a draft, verified
+the same way, so a run of forced tokens is appended in one batch and the output equals step-by-step constrained
+decoding. ``Timings.draft_n`` /
 ``draft_n_accepted`` report it per response; ``EngineStats`` totals it for /metrics.
 
 LoRA adapters (``ModelSpec.loras``, chosen per request by ``GenerationRequest.lora``): llama.cpp applies one adapter
@@ -170,11 +171,15 @@ class BatchedModel:
         if not self.llama.can_truncate():
             log.info("%s: no speculative decoding (its KV cannot drop rejected draft tokens)", self.spec.name)
             return None
-        return draft.speculator(split=not self._kv_unified)
+        return draft.speculator(split=not self._kv_unified, vocab=self.llama.draft_vocab())
 
     # -- request side (event loop, or any thread) ---------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         return self.llama.tokenize(text)
+
+    def _encode_text(self, text: str) -> list[int]:
+        """Plain text's ids (no BOS, special tokens as text)."""
+        return self.llama.prompts.encode(text, add_special=False, parse_special=False)
 
     def _markup_tokens(self, text: str) -> list[int]:
         """The ids of a piece of markup (special tokens parsed, no BOS)."""
@@ -332,7 +337,9 @@ class BatchedModel:
             slot.out_index = -1
             slot.n_cached = slot.n_evaluated = 0
             speculator = self._speculator
-            slot.drafting = speculator.start(len(tokens), params.grammar) if speculator is not None else None
+            g = params.grammar
+            shape = self.grammars.shape(g) if speculator is not None and g is not None else None
+            slot.drafting = speculator.start(len(tokens), g, shape) if speculator is not None else None
             if i:
                 self._slots.forget(slot)
                 slot.kv_key = key
@@ -353,7 +360,10 @@ class BatchedModel:
             self._candidates = Candidates(self.llama.n_vocab, self.llama.pieces, self.llama.eog)
         grammar = self.grammars.instantiate(g)
         try:
-            return SamplerChain(params, self.llama.n_vocab, self.spec.n_ctx, grammar, self._candidates)
+            shape = self.grammars.shape(g) if g.json else None
+            return SamplerChain(
+                params, self.llama.n_vocab, self.spec.n_ctx, grammar, self._candidates, shape, self._encode_text
+            )
         except BaseException:
             import llama_cpp
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgellm.serve.engine.detok import PieceTable
+from edgellm.serve.engine.forced import DraftVocab
 from edgellm.serve.engine.prompt import ChatTemplate
 from edgellm.serve.engine.specs import ModelSpec
 from edgellm.serve.engine.tokens import PromptTokenizer
@@ -92,6 +93,20 @@ class LlamaContext:
     def tokenize(self, text: str) -> list[int]:
         """A raw (completion) prompt's ids, as llama-server tokenizes it; chats go through ``template.tokens``."""
         return self.prompts.completion(text)
+
+    def draft_vocab(self) -> DraftVocab:
+        """The vocabulary as jump-forward drafts need it: pieces, plain-text tokenization, end-of-generation tokens
+        and the end-of-turn token to draft where a grammar is complete."""
+        eot = int(self._ll.llama_vocab_eot(self.vocab))
+        if eot not in self.eog:
+            eot = int(self._ll.llama_vocab_eos(self.vocab))
+        prompts = self.prompts
+        return DraftVocab(
+            piece=self.pieces,
+            encode=lambda text: prompts.encode(text, add_special=False, parse_special=False),
+            eog=self.eog,
+            eot=eot if eot in self.eog else None,
+        )
 
     def kv_bytes_per_token(self) -> int:
         """K and V of one token over all layers, in f16."""

@@ -13,11 +13,13 @@ instead of aborting in C++.
 
 **Closing within the budget.** A JSON grammar (``Grammar.json``: a schema, JSON mode, forced tool calls) would be
 cut off by ``max_tokens`` mid-document, and the answer would not parse. When the tokens left fall to a reserve
-(``JsonTracker.reserve``: ten plus three per open bracket, plus the fixed text after a tool call), the chain steers
-to the document's end: among the tokens the grammar allows it takes, in order, an end of generation, a token that
-closes the open string or brackets, a short complete value (``0``, ``null``, ``""``...), else the model's
-likeliest allowed token that is not whitespace. The answer then ends valid, and its ``finish_reason`` is
-``length``.
+(``JsonTracker.reserve``: ten plus three per open bracket, plus the fixed text after a tool call; or, if more, the
+grammar's shortest completion from here, e.g. the required keys still to write, at two characters a token, as
+``forced.py``'s recognizer follows the text), the chain steers to the document's end: among the tokens the grammar
+allows it takes, in order, an end of generation, a token that closes the open string or brackets, a short complete
+value (``0``, ``null``, ``""``...), the first token of the text the grammar forces (a required key, written
+compactly), else the model's likeliest allowed token that is not whitespace. The answer then ends valid, and its
+``finish_reason`` is ``length``.
 
 ``CompiledGrammars`` parses each grammar once per model and clones the parsed sampler for each request (a bounded
 cache owned by the model)."""
@@ -25,6 +27,7 @@ cache owned by the model)."""
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import re
 import threading
@@ -33,8 +36,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from edgellm.serve.engine.base import Grammar, InvalidRequestError, SamplingParams
+from edgellm.serve.engine.forced import Gbnf, GbnfError, Recognizer, Utf8Stream, parse_gbnf
+
+log = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
+CHARS_PER_TOKEN = 2  # the closing reserve's estimate for the shortest completion's text (keys run ~3 a token)
 
 
 TOP_N = (512, 4096)  # candidates the grammar checks first when the chain's own pick is not valid
@@ -44,14 +51,34 @@ _SHORT_VALUES = {b"0", b"1", b"null", b"true", b"false", b'""', b"[]", b"{}", b'
 
 
 class JsonTracker:
-    """The lexical state of a JSON text, byte by byte: inside a string or not, and bracket depth."""
+    """The lexical state of a JSON text, byte by byte: inside a string or not, and bracket depth; with the grammar's
+    shape (``forced.Gbnf``), also where the text is in the grammar, so the reserve covers its shortest completion
+    (the required keys still to write, say), not only its brackets."""
 
-    def __init__(self) -> None:
+    def __init__(self, shape: Gbnf | None = None, encode: Callable[[str], list[int]] | None = None) -> None:
         self.in_str = False
         self.esc = False
         self.depth = 0
+        self._rec = Recognizer(shape) if shape is not None else None
+        self._utf8 = Utf8Stream()
+        self._encode = encode
+
+    def forced_token(self) -> int | None:
+        """The first token of the text the grammar forces next, written compactly (a required key, ``":"``...;
+        None: nothing is forced, or the grammar is not followed): the fewest tokens to write it."""
+        rec = self._rec
+        if rec is None or self._encode is None or not rec.alive or self._utf8.pending:
+            return None
+        text, _ = rec.forced(compact=True)
+        tokens = self._encode(text) if text else []
+        return tokens[0] if tokens else None
 
     def push(self, piece: bytes) -> None:
+        rec = self._rec
+        if rec is not None and rec.alive:
+            text = self._utf8.feed(piece)
+            if text:
+                rec.advance(text)
         for b in piece:
             if self.in_str:
                 if self.esc:
@@ -70,9 +97,13 @@ class JsonTracker:
     def reserve(self, tail: int = 0, restart: int = 0) -> int:
         """Tokens kept back to end the output: inside a document, to close it and write ``tail`` tokens of fixed
         text after it; between documents (tool calls), enough to write a whole short one (``restart``)."""
+        rec = self._rec
+        need = 0
+        if rec is not None and rec.alive:  # the shortest completion, at two characters a token, and a margin
+            need = math.ceil(min(rec.shortest(), 4096) / CHARS_PER_TOKEN) + 4 + tail
         if self.depth > 0:
-            return 10 + 3 * self.depth + tail
-        return 10 + restart
+            return max(need, 10 + 3 * self.depth + tail)
+        return max(need, 10 + restart)
 
 
 class Candidates:
@@ -193,6 +224,8 @@ class SamplerChain:
         n_ctx: int,
         grammar: Any = None,
         candidates: Candidates | None = None,
+        shape: Gbnf | None = None,
+        encode: Callable[[str], list[int]] | None = None,
     ) -> None:
         import llama_cpp as ll
 
@@ -203,7 +236,7 @@ class SamplerChain:
         if grammar is not None and candidates is None:
             raise ValueError("a grammar needs a Candidates buffer")
         g = params.grammar
-        self._json = JsonTracker() if grammar is not None and g is not None and g.json else None
+        self._json = JsonTracker(shape, encode) if grammar is not None and g is not None and g.json else None
         self._tail = g.tail_tokens if g is not None else 0
         self._restart = g.restart_tokens if g is not None else 0
         self.closing = False  # the budget ran low: steering to the end of the JSON document
@@ -280,7 +313,10 @@ class SamplerChain:
             c.fill(ctx, index)
             logits = c.data["logit"]
             token = c.best(grammar, sorted(values, key=lambda t: -float(logits[t])))
-        if token < 0:  # the grammar wants something else first (a required key, a minimum length): its likeliest
+        if token < 0:  # the grammar wants something else first (a required key): its text in the fewest tokens
+            forced = tracker.forced_token()
+            token = c.best(grammar, [forced]) if forced is not None else -1
+        if token < 0:  # still something else (a minimum length...): the model's likeliest allowed token
             c.fill(ctx, index)
             self._ll.llama_sampler_apply(grammar, c.ref)
             logits = c.data["logit"]
@@ -370,6 +406,7 @@ class CompiledGrammars:
         self._vocab = vocab
         self._size = size
         self._items: OrderedDict[Grammar, Any] = OrderedDict()
+        self._shapes: OrderedDict[Grammar, Gbnf | None] = OrderedDict()
         self._lock = threading.Lock()
 
     def _compile(self, g: Grammar) -> Any:
@@ -415,6 +452,27 @@ class CompiledGrammars:
                     self._items.move_to_end(g)
                     return self._ll.llama_sampler_clone(proto)
             self.check(g)
+
+    def shape(self, g: Grammar) -> Gbnf | None:
+        """``g`` parsed by ``forced.py`` for following text through it (cached; None: a lazy grammar, whose start
+        is not known, or one that recognizer does not follow)."""
+        with self._lock:
+            if g in self._shapes:
+                self._shapes.move_to_end(g)
+                return self._shapes[g]
+        shape: Gbnf | None = None
+        if not g.lazy:
+            try:
+                shape = parse_gbnf(g.gbnf)
+            except GbnfError as e:
+                log.debug("grammar not followed in Python: %s", e)
+            except Exception:  # noqa: BLE001 - an aid (drafts, the closing reserve) must not fail the request
+                log.warning("grammar not followed in Python (the recognizer failed on it)", exc_info=True)
+        with self._lock:
+            self._shapes[g] = shape
+            while len(self._shapes) > self._size:
+                self._shapes.popitem(last=False)
+        return shape
 
     def __len__(self) -> int:
         return len(self._items)

@@ -17,18 +17,22 @@ that draft (accept with probability p(d), else a draw from p without d): **the o
 without drafting (up to llama.cpp's batch-shape-dependent rounding).
 
 **Jump-forward under grammars.** A grammar (a JSON schema, a tool call) forces much of its text: keys in a fixed
-order, ``": "``, closing brackets. Detecting "exactly one allowed token" directly would cost a grammar pass over the
-whole vocabulary per position (measured 3.2 ms at best for SmolLM2's 49k tokens on a loaded 2-core box: as much as
-a decode step), and forced *text* is often not one token (after ``{"name`` the grammar allows 3 tokens, spellings
-of ``"``), so instead the forced text is *learned and verified*: each grammar has an ``NgramCache`` of the outputs produced under it (the
-last ``n`` tokens -> what followed), consulted when the slot's own context has no match. Its proposals go through
-the same verification as any draft, so a run of forced tokens is appended in one batch and the output is exactly
-what step-by-step constrained decoding gives (a wrong guess is just a rejected draft). The cache is shared by the
-requests using the same grammar, so, as ``draft.py`` says of ``NgramCache``: how fast an answer comes out may
-reveal whether another client's answer under the same schema continued the same way; and its gain is not proven
-yet on this box (acceptance under a schema rose from 39 to 153 of 208 tokens, tok/s within the noise of a loaded
-2-core box). So it is off by default (``jump_forward=True`` turns it on); keep it off when mutually untrusted
-clients share a server.
+order, ``": "``, closing brackets. Each request with a (non-lazy) grammar gets a ``ForcedDrafter`` (``forced.py``):
+a Python recognizer follows its output character by character through the GBNF and walks ahead while only one
+character is allowed (at a whitespace choice, the whitespace this output used there before). That text, tokenized,
+is the step's guess, ahead of the n-gram drafter's (``match_n`` ``FORCED``), and goes through the same verification
+as any draft: a run of forced tokens is appended in one batch, and the output is exactly what step-by-step
+constrained decoding gives (a guess in other tokens than the model's, or the wrong whitespace, is a rejected draft
+token). Asking llama.cpp's grammar sampler instead which *tokens* it allows would cost a pass over the whole
+vocabulary per position (measured 3.2 ms at best for SmolLM2's 49k tokens on a loaded 2-core box: as much as a
+decode step); following the text costs ~10 microseconds a character. It uses nothing but the request's own grammar
+and output, so it is on by default.
+
+``jump_forward_learned`` (off by default) adds the older guesser: each grammar keeps an ``NgramCache`` of the
+outputs produced under it (the last ``n`` tokens -> what followed), consulted when the slot's own context has no
+match. It is shared by the requests using the same grammar, so, as ``draft.py`` says of ``NgramCache``: how fast an
+answer comes out may reveal whether another client's answer under the same schema continued the same way; keep it
+off when mutually untrusted clients share a server.
 
 **Is a draft worth its rows?** Verifying a drafted token is not free on a CPU. ``StepCost`` keeps the measured time
 of a step by its number of rows (every decode step that reads no prompt is timed): for SmolLM2-135M on 2 cores,
@@ -72,11 +76,14 @@ from dataclasses import dataclass, field
 
 from edgellm.serve.engine.base import Grammar
 from edgellm.serve.engine.draft import AdaptiveK, NgramCache, NgramDrafter
+from edgellm.serve.engine.forced import DraftVocab, ForcedDrafter, Gbnf, ModelHabits
 
 log = logging.getLogger(__name__)
 
 GRAMMAR_NGRAM = 3  # tokens of context that key a grammar's learned continuation (``"name": "`` -> ...)
 GRAMMAR_CACHES = 32  # grammars whose continuations are kept (least recently used out)
+FORCED = -3  # ``SlotDraft.match_n`` of a jump-forward draft (the text the grammar forces)
+FORCED_SEAM = -4  # ... of one that begins with a choice about whitespace (the style's guess: less sure)
 SHARED_NGRAMS = 65536  # n-grams the shared cache keeps (least recently used out; ~20 MB)
 STREAK_CAP = 8  # right guesses in a row beyond this count as this many (the odds stop changing)
 HALF_LIFE = 512  # a key's counts halve past this many guesses: the model follows a change of workload
@@ -277,7 +284,8 @@ class SlotDraft:
     k: AdaptiveK
     n_prompt: int
     odds: AcceptanceModel
-    grammar: Grammar | None = None
+    grammar: Grammar | None = None  # the grammar whose learned continuations it drafts from (and teaches)
+    forced: ForcedDrafter | None = None  # jump-forward: what its own grammar forces next
     guess: list[int] = field(default_factory=list)
     match_n: int = 0
     draft: list[int] = field(default_factory=list)
@@ -287,6 +295,18 @@ class SlotDraft:
     expected: float = 0.0
     n_drafted: int = 0  # for the response's timings: tokens drafted, and drafted tokens the sampler confirmed
     n_accepted: int = 0
+
+    def lookup(self, k: int) -> list[int]:
+        """Up to ``k`` tokens to guess next: the text the grammar forces, if any, else the n-gram drafter's guess
+        (``match_n`` says which)."""
+        if self.forced is not None:
+            forced = self.forced.draft(k)
+            if forced:
+                self.match_n = FORCED_SEAM if self.forced.seam else FORCED
+                return forced
+        guess = self.drafter.draft(k)
+        self.match_n = self.drafter.match_n
+        return guess
 
     def settle(self, emitted: list[int]) -> int:
         """After verification: ``emitted`` are the tokens sampled from this step's rows (1 .. len(draft) + 1).
@@ -311,6 +331,8 @@ class SlotDraft:
             self.streak += 1
         if len(self.drafter):  # not indexed yet: the first ``propose`` indexes the whole sequence
             self.drafter.extend(emitted)
+            if self.forced is not None:
+                self.forced.push(emitted)
         self.draft = []
         self.guess = []
         return accepted
@@ -325,22 +347,33 @@ class SlotDraft:
 @dataclass(frozen=True)
 class DraftPolicy:
     """How a batched model drafts (``None`` instead of a policy: it does not). ``n_max`` tokens at most per slot and
-    step; n-gram matches of ``ngram_max`` down to ``ngram_min`` tokens; ``jump_forward``: learn each grammar's
-    continuations; ``cost_aware``: draft only the tokens worth their rows (False: whatever ``AdaptiveK`` allows, for
-    tests and measurements); ``shared``: also draft from the model's finished requests (an ``NgramCache`` of their
-    prompts and answers, shared across requests and clients)."""
+    step; n-gram matches of ``ngram_max`` down to ``ngram_min`` tokens; ``jump_forward``: under a grammar, draft
+    the text it forces next (``forced.py``; the request's own grammar and output only); ``cost_aware``: draft only
+    the tokens worth their rows (False: whatever ``AdaptiveK`` allows, for tests and measurements); ``shared``: also
+    draft from the model's finished requests (an ``NgramCache`` of their prompts and answers, shared across
+    requests and clients); ``jump_forward_learned``: also learn each grammar's continuations from earlier answers
+    under it (shared across clients)."""
 
     n_max: int = 8
     ngram_max: int = 4
     ngram_min: int = 2
-    jump_forward: bool = False
+    jump_forward: bool = True
     cost_aware: bool = True
     shared: bool = False
+    jump_forward_learned: bool = False
 
-    def speculator(self, split: bool = True) -> Speculator:
-        """The policy for one model (``split``: its KV cache is split per sequence)."""
+    def speculator(self, split: bool = True, vocab: DraftVocab | None = None) -> Speculator:
+        """The policy for one model (``split``: its KV cache is split per sequence; ``vocab``: its vocabulary, for
+        jump-forward; None: no jump-forward)."""
         return Speculator(
-            self.n_max, self.ngram_max, self.ngram_min, self.jump_forward, self.cost_aware, split, self.shared
+            self.n_max,
+            self.ngram_max,
+            self.ngram_min,
+            self.jump_forward_learned,
+            self.cost_aware,
+            split,
+            self.shared,
+            vocab if self.jump_forward else None,
         )
 
 
@@ -349,9 +382,10 @@ DEFAULT_DRAFT = DraftPolicy()
 
 class Speculator:
     """One model's drafting policy: ``n_max`` tokens at most per slot and step, n-gram matches of ``ngram_max``
-    down to ``ngram_min`` tokens; ``jump_forward``: learn each grammar's continuations; ``cost_aware``: draft only
+    down to ``ngram_min`` tokens; ``learned``: learn each grammar's continuations; ``cost_aware``: draft only
     the tokens worth their rows (``StepCost``; False drafts whatever ``AdaptiveK`` allows); ``shared``: keep an
-    ``NgramCache`` of the finished requests for all to draft from. See the module docstring. Used by the scheduler
+    ``NgramCache`` of the finished requests for all to draft from; ``vocab``: the model's vocabulary, to draft what
+    a request's grammar forces next (None: no such drafts). See the module docstring. Used by the scheduler
     thread only."""
 
     def __init__(
@@ -359,10 +393,11 @@ class Speculator:
         n_max: int = 8,
         ngram_max: int = 4,
         ngram_min: int = 2,
-        jump_forward: bool = False,
+        learned: bool = False,
         cost_aware: bool = True,
         split: bool = True,
         shared: bool = False,
+        vocab: DraftVocab | None = None,
     ) -> None:
         if n_max < 1:
             raise ValueError(f"draft n_max must be >= 1, got {n_max}")
@@ -371,7 +406,7 @@ class Speculator:
         self.n_max = n_max
         self.ngram_max = ngram_max
         self.ngram_min = ngram_min
-        self.jump_forward = jump_forward
+        self.learned = learned
         self.cost_aware = cost_aware
         self.split = split  # the KV cache is split per sequence (llama.cpp decodes uneven rows in passes)
         self.cost = StepCost()
@@ -379,10 +414,14 @@ class Speculator:
         self.realized = RealizedYield()
         self._grammar_caches: OrderedDict[Grammar, NgramCache] = OrderedDict()
         self.shared = NgramCache(n=ngram_max, m=n_max, capacity=SHARED_NGRAMS) if shared else None
+        self.vocab = vocab
+        self.habits = ModelHabits(vocab.eot if vocab is not None else None)  # the form of its JSON answers
 
-    def start(self, n_prompt: int, grammar: Grammar | None) -> SlotDraft:
-        """A new request's drafting state (``grammar``: the one its output follows, if any)."""
-        cache = self._grammar_cache(grammar) if grammar is not None and self.jump_forward else None
+    def start(self, n_prompt: int, grammar: Grammar | None, shape: Gbnf | None = None) -> SlotDraft:
+        """A new request's drafting state (``grammar``: the one its output follows, if any; ``shape``: that grammar
+        parsed by ``forced.py``, for jump-forward; None: no jump-forward)."""
+        cache = self._grammar_cache(grammar) if grammar is not None and self.learned else None
+        parsed = shape if grammar is not None and self.vocab is not None else None
         k_start = min(4, self.n_max)
         return SlotDraft(
             NgramDrafter(self.ngram_max, self.ngram_min, cache, self.shared),
@@ -390,6 +429,7 @@ class Speculator:
             n_prompt,
             self.odds,
             grammar if cache is not None else None,
+            ForcedDrafter(parsed, self.vocab, self.habits) if parsed is not None and self.vocab is not None else None,
         )
 
     def propose(
@@ -404,15 +444,16 @@ class Speculator:
             if len(sd.drafter) == 0:  # first step: index the prompt (and a reused prefix) once
                 sd.drafter.extend(cache)
                 sd.drafter.extend([next_token])
+                if sd.forced is not None:
+                    sd.forced.push([next_token])
             sd.draft = []
-            if not self.cost_aware:
+            if not self.cost_aware:  # the grammar's forced text whenever there is some, else what AdaptiveK allows
+                forced = sd.forced.draft(min(self.n_max, limit, room)) if sd.forced is not None else []
                 k = min(sd.k.next_k(), limit, room)
-                sd.guess = sd.draft = sd.drafter.draft(k) if k > 0 else []
-                sd.match_n = sd.drafter.match_n
+                sd.guess = sd.draft = sd.lookup(len(forced) if forced else k) if forced or k > 0 else []
                 room -= len(sd.draft)
                 continue
-            sd.guess = sd.drafter.draft(self.n_max)  # scored after the step whether drafted or not
-            sd.match_n = sd.drafter.match_n
+            sd.guess = sd.lookup(self.n_max)  # scored after the step whether drafted or not
             cap = min(len(sd.guess), limit)
             gains.append(self.odds.gains(sd.streak, sd.match_n, cap, sd.calibration) if cap > 0 else [])
         if self.cost_aware and not (reading and self.split):
@@ -438,6 +479,8 @@ class Speculator:
         """A request ended (its last tokens settled): with the shared cache, remember its prompt and answer for the
         next requests; under a grammar, what its output continued with, from the last few prompt tokens (the
         template's assistant header) on, for the next requests under it."""
+        if sd.forced is not None:
+            sd.forced.finish()
         if len(sd.drafter) <= sd.n_prompt:
             return
         if self.shared is not None:
