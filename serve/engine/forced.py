@@ -133,11 +133,11 @@ class _Parser:
         if "root" not in self.bodies:
             raise GbnfError("the grammar has no 'root' rule")
         out = Gbnf()
-        for name, alts in self.bodies.items():
+        for name, bodies in self.bodies.items():
             out.rules[name] = []
-            for alt in alts:
+            for body in bodies:
                 out.rules[name].append(len(out.alts))
-                out.alts.append(tuple(alt))
+                out.alts.append(tuple(body))
         for alt in out.alts:
             for el in alt:
                 if isinstance(el, str) and el not in out.rules:
