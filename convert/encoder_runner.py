@@ -16,11 +16,11 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import numpy as np
 
 from edgellm.convert.llamacpp import ConvertError
+from edgellm.segments import read_segments
 
 _POOLING = {"mean": 1, "cls": 2, "last": 3, "rank": 4}
 
@@ -63,7 +63,7 @@ class EncoderRunner:
         self.n_out = int(ll.llama_model_n_cls_out(m)) if self.pooling == _POOLING["rank"] else self.n_embd
         self._tokens = ll.llama_batch_init(self.n_ctx, 0, 1)
         self._embd = ll.llama_batch_init(self.n_ctx, self.n_embd, 1)
-        self._type_rows, self._token_rows = _segment_tensors(self.path)
+        self._segments = read_segments(self.path)
         self.cls = int(ll.llama_vocab_bos(self._model.vocab))
         self.sep = int(ll.llama_vocab_sep(self._model.vocab))
 
@@ -88,7 +88,7 @@ class EncoderRunner:
         n = len(tokens)
         if not 0 < n <= self.n_ctx:
             raise ConvertError(f"{self.path.name}: a sequence of {n} tokens does not fit {self.n_ctx}")
-        use_embd = segments is not None and self._type_rows is not None
+        use_embd = segments is not None and self._segments is not None
         batch = self._embd if use_embd else self._tokens
         for i, t in enumerate(tokens):
             if not use_embd:
@@ -98,10 +98,10 @@ class EncoderRunner:
             batch.seq_id[i][0] = 0
             batch.logits[i] = 1
         if use_embd:
-            assert segments is not None and self._type_rows is not None and self._token_rows is not None
-            rows = np.asarray(self._token_rows[tokens], dtype=np.float32)
-            rows += self._type_rows[segments] - self._type_rows[0]
-            ctypes.memmove(batch.embd, np.ascontiguousarray(rows, dtype=np.float32).ctypes.data, rows.nbytes)
+            assert segments is not None and self._segments is not None
+            rows = np.empty((n, self.n_embd), dtype=np.float32)
+            self._segments.embed(tokens, segments, rows)
+            ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
         batch.n_tokens = n
         memory = ll.llama_get_memory(self._ctx)
         if memory:
@@ -143,19 +143,3 @@ def _longest_first(n1: int, n2: int, max_length: int) -> tuple[int, int]:
         n1 = max_length // 2
         n2 = n1 + max_length % 2
     return (n2, n1) if swap else (n1, n2)
-
-
-def _segment_tensors(path: Path) -> tuple[Any, Any]:
-    """``token_types`` rows and ``token_embd`` rows (float32) when the type rows differ, else (None, None)."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    tensors = {t.name: t for t in GGUFReader(path).tensors}
-    types, tokens = tensors.get("token_types.weight"), tensors.get("token_embd.weight")
-    if types is None or tokens is None:
-        return None, None
-    type_rows = dequantize(types.data, types.tensor_type).reshape(-1, int(types.shape[0])).astype(np.float32)
-    if len(type_rows) < 2 or all(np.array_equal(r, type_rows[0]) for r in type_rows[1:]):
-        return None, None
-    token_rows = dequantize(tokens.data, tokens.tensor_type).reshape(-1, int(tokens.shape[0])).astype(np.float32)
-    return type_rows, token_rows

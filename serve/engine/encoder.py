@@ -13,7 +13,8 @@ to zero": ``llama_batch`` carries no segment ids). A cross-encoder is trained wi
 scoring it as all-segment-0 changes its ranking. When the model's type rows differ, a sequence with segment ids is
 fed as input embeddings instead of token ids: ``token_embd[id] + token_types[segment] - token_types[0]`` (llama.cpp
 still adds row 0 and the positions), which is what Hugging Face computes. The two tensors are read from the GGUF
-with gguf-py (memory-mapped; dequantized once if quantized).
+with gguf-py (``edgellm/segments.py``, shared with convert's verification runner; memory-mapped, dequantized once
+if quantized).
 
 Not thread-safe: one caller at a time (the embedder and reranker hold a lock). Importing this module is cheap; the
 constructor imports llama_cpp.
@@ -29,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from edgellm.segments import Segments, read_segments
+
 log = logging.getLogger(__name__)
 
 # llama.cpp's enum llama_pooling_type
@@ -38,44 +41,6 @@ POOLING_TYPES = {name: value for value, name in POOLING_NAMES.items()}
 
 class EncoderLoadError(RuntimeError):
     """The GGUF cannot be loaded as an encoder (missing file, wrong kind of model, context creation failed)."""
-
-
-@dataclass(frozen=True)
-class Segments:
-    """Input embeddings for segment ids: token rows and ``token_types[s] - token_types[0]`` for each segment s."""
-
-    token_rows: Any  # np.ndarray [n_vocab, n_embd], float16 or float32 (memory-mapped when the file is 16/32-bit)
-    type_delta: Any  # np.ndarray [n_types, n_embd], float32
-
-    def embed(self, tokens: Sequence[int], segments: Sequence[int], out: Any) -> None:
-        """Write the input embeddings of ``tokens`` into ``out`` ([len(tokens), n_embd] float32)."""
-        np.copyto(out, self.token_rows[np.asarray(tokens)], casting="unsafe")
-        out += self.type_delta[np.asarray(segments)]
-
-
-def read_segments(path: Path) -> Segments | None:
-    """The token and token-type tensors of a BERT GGUF when its type rows differ (else None: all-zero segment ids
-    are exact)."""
-    from gguf import GGUFReader
-    from gguf.constants import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    reader = GGUFReader(path)
-    tensors = {t.name: t for t in reader.tensors}
-    types, tokens = tensors.get("token_types.weight"), tensors.get("token_embd.weight")
-    if types is None or tokens is None:
-        return None
-
-    def rows(t: Any) -> Any:
-        n_embd = int(t.shape[0])
-        if t.tensor_type in (GGMLQuantizationType.F16, GGMLQuantizationType.F32):
-            return np.asarray(t.data).reshape(-1, n_embd)
-        return dequantize(t.data, t.tensor_type).reshape(-1, n_embd).astype(np.float32)
-
-    type_rows = np.asarray(rows(types), dtype=np.float32)
-    if len(type_rows) < 2 or np.array_equal(type_rows[1:], np.broadcast_to(type_rows[0], type_rows[1:].shape)):
-        return None
-    return Segments(token_rows=rows(tokens), type_delta=type_rows - type_rows[0])
 
 
 @dataclass(frozen=True)
