@@ -30,6 +30,7 @@ calls llama.cpp.
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -321,8 +322,9 @@ Stack = tuple[tuple[int, int], ...]  # (alternative, position) pairs, the top la
 
 @dataclass
 class JsonCursor:
-    """Where a text is, for its whitespace style: the last character that was not whitespace (``prev``), the
-    whitespace written since (``run``), and the bracket depth outside strings (JSON's; harmless for other text)."""
+    """Where a text is, for its whitespace style and the JSON closing reserve (``sampling.JsonTracker``): the last
+    character that was not whitespace (``prev``), the whitespace written since (``run``), inside a string or not,
+    and the bracket depth outside strings (JSON's; harmless for other text)."""
 
     prev: str = ""
     run: str = ""
@@ -529,29 +531,6 @@ class Recognizer:
         return "".join(out), False
 
 
-class Utf8Stream:
-    """Bytes in, complete characters out: an unfinished multi-byte character at the end waits for the next bytes
-    (token pieces split characters)."""
-
-    def __init__(self) -> None:
-        self.pending = b""
-
-    def feed(self, data: bytes) -> str:
-        data = self.pending + data
-        cut = len(data)
-        for back in range(1, min(4, len(data)) + 1):
-            b = data[-back]
-            if b & 0xC0 == 0xC0:  # a lead byte: complete only if all its continuation bytes follow
-                need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4
-                if back < need:
-                    cut = len(data) - back
-                break
-            if b & 0x80 == 0:
-                break
-        self.pending = data[cut:]
-        return data[:cut].decode("utf-8", errors="replace")
-
-
 @dataclass(frozen=True)
 class DraftVocab:
     """What jump-forward needs of a model's vocabulary: a token's bytes (``piece``), text to tokens (``encode``,
@@ -589,7 +568,7 @@ class ForcedDrafter:
         self.habits = habits if habits is not None else ModelHabits(vocab.eot)
         self.rec.style.update(self.habits.style)
         self.rec.indent = self.habits.indent
-        self._utf8 = Utf8Stream()
+        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split character back
         self.seam = False  # the last draft began with a choice about whitespace (its own odds)
 
     def push(self, tokens: Iterable[int]) -> None:
@@ -606,7 +585,7 @@ class ForcedDrafter:
             self.habits.end = ends[-1]
         if not self.rec.alive:
             return
-        text = self._utf8.feed(b"".join(self.vocab.piece(t) for t in tokens if t not in self.vocab.eog))
+        text = self._text.decode(b"".join(self.vocab.piece(t) for t in tokens if t not in self.vocab.eog))
         if text and not self.rec.advance(text):
             log.debug("jump-forward lost track of the grammar at %r; no more grammar drafts for this request", text)
 
@@ -618,7 +597,7 @@ class ForcedDrafter:
 
     def draft(self, k: int) -> list[int]:
         """Up to ``k`` tokens of the text the grammar forces next ([] if none, or mid-character)."""
-        if k <= 0 or not self.rec.alive or self._utf8.pending:
+        if k <= 0 or not self.rec.alive or self._text.getstate()[0]:  # mid-character: wait
             return []
         try:
             text, complete = self.rec.forced()
@@ -633,4 +612,14 @@ class ForcedDrafter:
         return tokens[:k]
 
 
-__all__ = ["CharSet", "DraftVocab", "ForcedDrafter", "ModelHabits", "Utf8Stream", "Gbnf", "GbnfError", "Recognizer", "parse_gbnf"]
+__all__ = [
+    "CharSet",
+    "DraftVocab",
+    "ForcedDrafter",
+    "Gbnf",
+    "GbnfError",
+    "JsonCursor",
+    "ModelHabits",
+    "Recognizer",
+    "parse_gbnf",
+]

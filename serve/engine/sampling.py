@@ -26,6 +26,7 @@ cache owned by the model)."""
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import logging
 import math
@@ -36,7 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from edgellm.serve.engine.base import Grammar, InvalidRequestError, SamplingParams
-from edgellm.serve.engine.forced import Gbnf, GbnfError, Recognizer, Utf8Stream, parse_gbnf
+from edgellm.serve.engine.forced import Gbnf, GbnfError, JsonCursor, Recognizer, parse_gbnf
 
 log = logging.getLogger(__name__)
 
@@ -51,48 +52,41 @@ _SHORT_VALUES = {b"0", b"1", b"null", b"true", b"false", b'""', b"[]", b"{}", b'
 
 
 class JsonTracker:
-    """The lexical state of a JSON text, byte by byte: inside a string or not, and bracket depth; with the grammar's
-    shape (``forced.Gbnf``), also where the text is in the grammar, so the reserve covers its shortest completion
-    (the required keys still to write, say), not only its brackets."""
+    """The lexical state of a JSON text (``forced.JsonCursor``: inside a string or not, bracket depth), fed token
+    pieces; with the grammar's shape (``forced.Gbnf``), also where the text is in the grammar, so the reserve covers
+    its shortest completion (the required keys still to write, say), not only its brackets."""
 
     def __init__(self, shape: Gbnf | None = None, encode: Callable[[str], list[int]] | None = None) -> None:
-        self.in_str = False
-        self.esc = False
-        self.depth = 0
+        self.cursor = JsonCursor()
         self._rec = Recognizer(shape) if shape is not None else None
-        self._utf8 = Utf8Stream()
+        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split character back
         self._encode = encode
+
+    @property
+    def in_str(self) -> bool:
+        return self.cursor.in_string
+
+    @property
+    def depth(self) -> int:
+        return self.cursor.depth
 
     def forced_token(self) -> int | None:
         """The first token of the text the grammar forces next, written compactly (a required key, ``":"``...;
         None: nothing is forced, or the grammar is not followed): the fewest tokens to write it."""
         rec = self._rec
-        if rec is None or self._encode is None or not rec.alive or self._utf8.pending:
+        if rec is None or self._encode is None or not rec.alive or self._text.getstate()[0]:
             return None
         text, _ = rec.forced(compact=True)
         tokens = self._encode(text) if text else []
         return tokens[0] if tokens else None
 
     def push(self, piece: bytes) -> None:
+        text = self._text.decode(piece)
+        for ch in text:
+            self.cursor.push(ch)
         rec = self._rec
-        if rec is not None and rec.alive:
-            text = self._utf8.feed(piece)
-            if text:
-                rec.advance(text)
-        for b in piece:
-            if self.in_str:
-                if self.esc:
-                    self.esc = False
-                elif b == 0x5C:  # backslash
-                    self.esc = True
-                elif b == 0x22:
-                    self.in_str = False
-            elif b == 0x22:
-                self.in_str = True
-            elif b in (0x7B, 0x5B):
-                self.depth += 1
-            elif b in (0x7D, 0x5D):
-                self.depth -= 1
+        if text and rec is not None and rec.alive:
+            rec.advance(text)
 
     def reserve(self, tail: int = 0, restart: int = 0) -> int:
         """Tokens kept back to end the output: inside a document, to close it and write ``tail`` tokens of fixed
