@@ -322,8 +322,10 @@ def test_streamed_call_reassembles_into_the_non_streamed_one(client: openai.Open
         streamed = stream.get_final_completion().choices[0]
     assert streamed.finish_reason == plain.finish_reason == "tool_calls"
     assert plain.message.tool_calls and streamed.message.tool_calls
-    assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == [
-        (c.function.name, c.function.arguments) for c in plain.message.tool_calls
+    # two greedy requests may lay out their JSON differently: drafting changes llama.cpp's batch shapes, and the
+    # model's choice of indentation can be a near tie; the call itself must be the same
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed.message.tool_calls] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in plain.message.tool_calls
     ]
     # on the wire: id, type and name first (arguments ""), then argument fragments with the index only
     with httpx.stream("POST", f"{server}/v1/chat/completions", json={**kw, "stream": True}, timeout=120) as r:
@@ -332,7 +334,9 @@ def test_streamed_call_reassembles_into_the_non_streamed_one(client: openai.Open
     calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
     assert set(calls[0]) == {"index", "id", "type", "function"} and calls[0]["function"]["arguments"] == ""
     assert all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"} for c in calls[1:])
-    assert "".join(c["function"]["arguments"] for c in calls) == plain.message.tool_calls[0].function.arguments
+    assert json.loads("".join(c["function"]["arguments"] for c in calls)) == json.loads(
+        plain.message.tool_calls[0].function.arguments
+    )
 
 
 def test_round_trip_call_result_answer(client: openai.OpenAI) -> None:
