@@ -219,7 +219,9 @@ class DraftSettings(_Strict):
     grammar, draft the text it forces next (serve/engine/forced.py; the request's own grammar and output only).
     ``jump_forward_learned``: also propose the text it forced in earlier answers under the same grammar (shared
     across clients: its speed can reveal whether another client's answer went the same way: off by default, keep it
-    off between untrusted tenants). ``shared``: also draft from the model's earlier requests, prompts and answers
+    off between untrusted tenants). ``jump_forward_spellings``: draft forced text (keys, brackets) in the tokens the
+    model wrote it in before (remembered per model: an answer's speed can show that the same schema keys were
+    written before, as prefix reuse shows a prompt was). ``shared``: also draft from the model's earlier requests, prompts and answers
     (llama-server's ``ngram-mod``; the same caution: off by default)."""
 
     enabled: bool = Field(True, description="draft tokens from the context and verify them in one batch")
@@ -232,6 +234,10 @@ class DraftSettings(_Strict):
     jump_forward_learned: bool = Field(
         False, description="under a grammar, also draft the text it forced in earlier answers under the same grammar "
         "(shared by all clients using it)"
+    )
+    jump_forward_spellings: bool = Field(
+        True, description="under a grammar, draft forced text (keys, brackets; never values) in the tokens the model "
+        "wrote it in before rather than the tokenizer's (remembered per model, shared by all clients)"
     )
     shared: bool = Field(
         False, description="also draft from the prompts and answers of the model's earlier requests (shared by all "
@@ -255,6 +261,7 @@ class DraftSettings(_Strict):
             self.cost_aware,
             self.shared,
             self.jump_forward_learned,
+            self.jump_forward_spellings,
         )
 
     @model_validator(mode="after")

@@ -183,6 +183,55 @@ def test_forced_drafter_drafts_tokens_waits_mid_character_and_ends() -> None:
     assert nxt.rec.style == habits.style
 
 
+class SpellVocab(FakeVocab):
+    """FakeVocab plus multi-character tokens the tokenizer never produces (``encode`` is per character), as a model
+    under a grammar writes keys in other pieces than the tokenizer's."""
+
+    WORDS = {3000: "cus", 3001: "tomer", 3002: '":', 3003: "x", 3004: "ri"}
+
+    def __init__(self) -> None:
+        self.vocab = DraftVocab(piece=self.piece, encode=self.encode, eog=frozenset({self.EOT}), eot=self.EOT)
+
+    @staticmethod
+    def piece(t: int) -> bytes:
+        word = SpellVocab.WORDS.get(t)
+        return word.encode() if word is not None else FakeVocab.piece(t)
+
+
+def test_forced_text_is_drafted_in_the_tokens_the_model_wrote_it_in() -> None:
+    spell = SpellVocab()
+    grammar = parse_gbnf('root ::= "{\\"customer\\":" [a-z]+ "}"')
+    habits = ModelHabits(end=FakeVocab.EOT)
+    first = ForcedDrafter(grammar, spell.vocab, habits)
+    assert first.draft(16) == spell.encode('{"customer":')  # nothing seen yet: the tokenizer's tokens
+    first.push([ord("{"), ord('"'), 3000, 3001, 3002, 3003, ord("}"), FakeVocab.EOT])
+    assert habits.spellings[b'{"customer":'] == (ord("{"), ord('"'), 3000, 3001, 3002)
+    again = ForcedDrafter(grammar, spell.vocab, habits)
+    assert again.draft(16) == [ord("{"), ord('"'), 3000, 3001, 3002]  # the model's own spelling, next time
+    again.push([ord("{"), ord('"'), 3000])  # part of it accepted: the spelling goes on
+    assert again.draft(16) == [3001, 3002]
+    other = ForcedDrafter(grammar, spell.vocab, habits)
+    assert other.draft(16) == [ord("{"), ord('"'), 3000, 3001, 3002]
+    other.push([ord("{"), ord('"'), ord("c")])  # the model spelled it otherwise this time: the tokenizer's tokens
+    assert other.draft(16) == spell.encode('ustomer":')
+    off = ForcedDrafter(grammar, spell.vocab, ModelHabits(end=FakeVocab.EOT, spell=False))
+    off.push([ord("{"), ord('"'), 3000, 3001, 3002, 3003, ord("}"), FakeVocab.EOT])
+    assert not off.habits.spellings
+
+
+def test_a_value_the_model_began_is_never_remembered() -> None:
+    spell = SpellVocab()
+    schema = {"type": "object", "properties": {"day": {"enum": ["Monday", "Friday"]}}, "required": ["day"]}
+    habits = ModelHabits(end=FakeVocab.EOT)
+    drafter = ForcedDrafter(parse_gbnf(schema_grammar(schema)), spell.vocab, habits)
+    assert drafter.draft(16) == spell.encode('{"day": "')
+    drafter.push(spell.encode('{"day": "F'))
+    assert drafter.draft(16)[:2] == [ord("r"), ord("i")]  # the rest of "Friday" is forced ...
+    drafter.push([3004] + spell.encode('day"}') + [FakeVocab.EOT])
+    assert all(b"riday" not in text for text in habits.spellings)  # ... but is an answer's text: not kept
+    assert b'{"day": "' in habits.spellings  # the key is the schema's
+
+
 def test_forced_drafter_stops_when_the_output_leaves_its_grammar() -> None:
     fake = FakeVocab()
     drafter = ForcedDrafter(parse_gbnf('root ::= "ab" [cd] "ef"'), fake.vocab)

@@ -130,3 +130,26 @@ def test_learned_jump_forward_equals_step_by_step_and_learns_per_schema(
     assert sum(a.finished.timings.draft_n_accepted for a in later) > 0
     assert learned._batched[MODEL]._speculator is not None
     assert len(learned._batched[MODEL]._speculator._grammar_caches) == len(CASES)
+
+
+def test_forced_text_is_drafted_in_the_models_own_tokens_once_seen(
+    engines: tuple[BatchedEngine, BatchedEngine, BatchedEngine], default_gguf: Path
+) -> None:
+    """Two engines answer the same requests twice, one remembering how the model spelled forced text
+    (``jump_forward_spellings``, the default) and one drafting it in the tokenizer's tokens: the second time the
+    first has more drafted tokens accepted, and both still answer as step-by-step decoding does."""
+    off = engines[0]
+    firsts = [(schema, contents[:1]) for schema, contents in CASES]
+    spelled = make_engine(default_gguf, draft=True, slots=1)
+    tokenizer = make_engine(default_gguf, draft=True, slots=1, spellings=False)
+    try:
+        compare(off, spelled, firsts)  # the first time: both learn the layout, one the spellings
+        compare(off, tokenizer, firsts)
+        again = [sum(a.finished.timings.draft_n_accepted for a in compare(off, e, firsts)) for e in (spelled, tokenizer)]
+        assert again[0] > again[1], again
+        speculator = spelled._batched[MODEL]._speculator
+        assert speculator is not None and speculator.habits.spellings
+        assert all(b"Maria" not in text and b"Lopez" not in text for text in speculator.habits.spellings)
+    finally:
+        for e in (spelled, tokenizer):
+            asyncio.run(e.close())

@@ -111,13 +111,18 @@ def make_engine(
     shared: bool = False,
     learned: bool = False,
     cost_aware: bool = False,
+    spellings: bool = True,
 ) -> BatchedEngine:
     """Drafting on means drafting whatever matches (``cost_aware=False``): these tests are about verification, and
     a cost-aware policy would draft little on a busy box."""
     spec = ModelSpec(name=MODEL, path=path, n_ctx=N_CTX, n_threads=2)
     policy = (
         DraftPolicy(
-            jump_forward=jump_forward, cost_aware=cost_aware, shared=shared, jump_forward_learned=learned
+            jump_forward=jump_forward,
+            cost_aware=cost_aware,
+            shared=shared,
+            jump_forward_learned=learned,
+            jump_forward_spellings=spellings,
         )
         if draft
         else None

@@ -16,6 +16,14 @@ nothing elsewhere). The result is only a guess either way: the engine drafts its
 them, so a wrong style, or a spelling of the text in other tokens than the tokenizer's, costs a rejected draft
 token and never changes the output.
 
+*Spellings.* A model under a grammar often writes forced text in other tokens than the tokenizer's: SmolLM2 writes
+the key ``"reported_by"`` as ``re|port|ed|_|by``, not ``reported|_|by``, and a draft in the tokenizer's tokens is
+rejected at its first token. ``ModelHabits.spellings`` remembers, per model, the tokens its answers wrote each
+forced text in (the text from a point outside a string: keys, brackets, whitespace, never the rest of a value the
+model began), and the next draft of the same text uses them. Measured on the extraction workload (one stream,
+``edgellm bench jump-forward``, 4 December): jump-forward with spellings 1.20x context drafting alone, in the
+tokenizer's tokens 1.08x; an oracle drafting the forced text in exactly the tokens the model then wrote 1.34x.
+
     grammar = parse_gbnf(text)          # GbnfError if the text uses what this recognizer does not follow
     rec = Recognizer(grammar)
     rec.advance('{"c')                  # False: the text is not in the grammar (then stop using it)
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -44,6 +53,8 @@ SMALL_CLASS = 4  # a character class of at most this many characters is followed
 MAX_STACKS = 256  # an ambiguous grammar with more parse stacks than this is not followed (no drafts)
 MAX_DEPTH = 512  # rule expansions without consuming a character (left recursion guard)
 FORCED_CHARS = 64  # the longest forced text one walk returns
+SPELLINGS = 4096  # forced texts whose spelling a model's habits keep (least recently used out)
+WATCHED = 8  # forced texts a request waits at once to see spelled
 
 
 class GbnfError(ValueError):
@@ -548,12 +559,31 @@ class ModelHabits:
     """What a model's own answers showed about their form, for the next requests' jump-forward guesses (one per
     model): the end-of-generation token its answers end with (``DraftVocab.eot`` until one ends with another:
     SmolLM2's end-of-turn token by llama.cpp's metadata is ``<|endoftext|>``, its chat answers end with
-    ``<|im_end|>``), and the whitespace layout of its last JSON answer (``Recognizer.style``: which whitespace at
-    which seam, and the indent; no text of the answer)."""
+    ``<|im_end|>``), the whitespace layout of its last JSON answer (``Recognizer.style``: which whitespace at
+    which seam, and the indent; no text of the answer), and the tokens its answers wrote forced texts in
+    (``spellings``, when ``spell``: text the grammar determined from a point outside a string, never text of a
+    value; shared by the model's requests, so an answer's speed can show that the same forced text, i.e. the
+    same schema keys, was written before, as a reused prompt prefix shows it was sent before)."""
 
     end: int | None = None
     style: dict[tuple[str, ...], str] = field(default_factory=dict)
     indent: int = 0
+    spell: bool = True
+    spellings: OrderedDict[bytes, tuple[int, ...]] = field(default_factory=OrderedDict)
+
+    def spelling(self, text: bytes) -> tuple[int, ...] | None:
+        """The tokens an answer wrote ``text`` in (a prefix of it, where the answer merged its last token with what
+        followed; None: not seen)."""
+        tokens = self.spellings.get(text)
+        if tokens is not None:
+            self.spellings.move_to_end(text)
+        return tokens
+
+    def learn(self, text: bytes, tokens: tuple[int, ...]) -> None:
+        self.spellings[text] = tokens
+        self.spellings.move_to_end(text)
+        while len(self.spellings) > SPELLINGS:
+            self.spellings.popitem(last=False)
 
 
 class ForcedDrafter:
@@ -570,6 +600,8 @@ class ForcedDrafter:
         self.rec.indent = self.habits.indent
         self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a split character back
         self.seam = False  # the last draft began with a choice about whitespace (its own odds)
+        self._out: list[int] = []  # the output's tokens so far, and where forced texts began that
+        self._watch: dict[int, bytes] = {}  # the model is yet to be seen spelling (output index -> text)
 
     def push(self, tokens: Iterable[int]) -> None:
         """The output's next tokens (as emitted). Never raises: a drafting aid must not fail a request."""
@@ -583,11 +615,48 @@ class ForcedDrafter:
         ends = [t for t in tokens if t in self.vocab.eog]
         if ends:
             self.habits.end = ends[-1]
+        if self.habits.spell:
+            self._out.extend(tokens)
+            self._spelled()
         if not self.rec.alive:
             return
         text = self._text.decode(b"".join(self.vocab.piece(t) for t in tokens if t not in self.vocab.eog))
         if text and not self.rec.advance(text):
             log.debug("jump-forward lost track of the grammar at %r; no more grammar drafts for this request", text)
+
+    def _spelled(self) -> None:
+        """Learn the spelling of each watched forced text the output has now written, and of its ends from each
+        token boundary on: its tokens, but for a last one that ran past the text's end (the model merged it with
+        what came next). Nothing when the output wrote other text (the style's whitespace was wrong)."""
+        for start, want in list(self._watch.items()):
+            written, end = b"", start
+            while end < len(self._out) and len(written) < len(want):
+                token = self._out[end]
+                written += self.vocab.piece(token) if token not in self.vocab.eog else b"\0"
+                end += 1
+            if len(written) < len(want) and want.startswith(written):
+                continue  # not yet written in full
+            del self._watch[start]
+            if written != want:
+                end -= 1  # its last token ran past the text's end (or the output wrote other text: nothing)
+                if not written.startswith(want):
+                    continue
+            offset = 0  # the text from each token boundary on, for drafts that start there (a draft cut short)
+            for i in range(start, end):
+                self.habits.learn(want[offset:], tuple(self._out[i:end]))
+                offset += len(self.vocab.piece(self._out[i]))
+
+    def _tokens(self, text: str) -> list[int]:
+        """``text`` in the tokens the model wrote it in before, or the tokenizer's. A text that begins outside a
+        string is also watched, to learn how the model spells it."""
+        if not self.habits.spell:
+            return self.vocab.encode(text)
+        want = text.encode("utf-8")
+        if not self.rec.cursor.in_string and len(self._watch) < WATCHED:
+            self._watch.setdefault(len(self._out), want)
+        spelled = self.habits.spelling(want)
+        # a spelling of a prefix only: the model wrote the rest merged with what came next, so it is not drafted
+        return list(spelled) if spelled is not None else self.vocab.encode(text)
 
     def finish(self) -> None:
         """The answer ended: its whitespace layout becomes the model's (if it followed the grammar to the end)."""
@@ -606,7 +675,7 @@ class ForcedDrafter:
             self.rec.stacks = frozenset()
             return []
         self.seam = self.rec.seam
-        tokens = self.vocab.encode(text) if text else []
+        tokens = self._tokens(text) if text else []
         if complete and self.habits.end is not None:
             tokens.append(self.habits.end)
         return tokens[:k]

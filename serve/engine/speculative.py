@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgellm.serve.engine.base import Grammar
@@ -352,7 +353,10 @@ class DraftPolicy:
     the tokens worth their rows (False: whatever ``AdaptiveK`` allows, for tests and measurements); ``shared``: also
     draft from the model's finished requests (an ``NgramCache`` of their prompts and answers, shared across
     requests and clients); ``jump_forward_learned``: also learn each grammar's continuations from earlier answers
-    under it (shared across clients)."""
+    under it (shared across clients); ``jump_forward_spellings``: draft forced text in the tokens the model wrote
+    it in before (``forced.ModelHabits``: keys and punctuation, no values; shared across clients);
+    ``forced_drafter``: who drafts a request's forced text (``ForcedDrafter``; ``bench/jump_forward.py`` measures
+    the ceiling with drafters that know the answers)."""
 
     n_max: int = 8
     ngram_max: int = 4
@@ -361,6 +365,8 @@ class DraftPolicy:
     cost_aware: bool = True
     shared: bool = False
     jump_forward_learned: bool = False
+    jump_forward_spellings: bool = True
+    forced_drafter: Callable[[Gbnf, DraftVocab, ModelHabits], ForcedDrafter] = ForcedDrafter
 
     def speculator(self, split: bool = True, vocab: DraftVocab | None = None) -> Speculator:
         """The policy for one model (``split``: its KV cache is split per sequence; ``vocab``: its vocabulary, for
@@ -374,6 +380,8 @@ class DraftPolicy:
             split,
             self.shared,
             vocab if self.jump_forward else None,
+            self.jump_forward_spellings,
+            self.forced_drafter,
         )
 
 
@@ -398,6 +406,8 @@ class Speculator:
         split: bool = True,
         shared: bool = False,
         vocab: DraftVocab | None = None,
+        spellings: bool = True,
+        forced_drafter: Callable[[Gbnf, DraftVocab, ModelHabits], ForcedDrafter] = ForcedDrafter,
     ) -> None:
         if n_max < 1:
             raise ValueError(f"draft n_max must be >= 1, got {n_max}")
@@ -415,7 +425,8 @@ class Speculator:
         self._grammar_caches: OrderedDict[Grammar, NgramCache] = OrderedDict()
         self.shared = NgramCache(n=ngram_max, m=n_max, capacity=SHARED_NGRAMS) if shared else None
         self.vocab = vocab
-        self.habits = ModelHabits(vocab.eot if vocab is not None else None)  # the form of its JSON answers
+        self.forced_drafter = forced_drafter
+        self.habits = ModelHabits(vocab.eot if vocab is not None else None, spell=spellings)  # its answers' form
 
     def start(self, n_prompt: int, grammar: Grammar | None, shape: Gbnf | None = None) -> SlotDraft:
         """A new request's drafting state (``grammar``: the one its output follows, if any; ``shape``: that grammar
@@ -429,7 +440,7 @@ class Speculator:
             n_prompt,
             self.odds,
             grammar if cache is not None else None,
-            ForcedDrafter(parsed, self.vocab, self.habits) if parsed is not None and self.vocab is not None else None,
+            self.forced_drafter(parsed, self.vocab, self.habits) if parsed is not None and self.vocab is not None else None,
         )
 
     def propose(
