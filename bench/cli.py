@@ -1,5 +1,6 @@
-"""`edgellm bench quant|serve|engines|grammar|rerank|embed|soak`: a thin layer over `bench.quant.bench_quant`,
+"""`edgellm bench quant|serve|engines|grammar|jump-forward|rerank|embed|soak`: a thin layer over `bench.quant.bench_quant`,
 `bench.loadtest.bench_serve`, `bench.engine_speed.compare_engines`, `bench.grammar_speed.compare_grammar_speed`,
+`bench.jump_forward.bench_jump_forward`,
 `bench.retrieval_speed.bench_retrieval` and `bench.soak.bench_soak`.
 
 edgellm bench quant models/demo/ --out reports/demo/
@@ -100,6 +101,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--streams", type=_int_list, default=[1, 4], help="concurrent streams (default: 1,4)")
     g.add_argument("--out", type=Path, default=None, help="folder for grammar.json, grammar.md and grammar.png")
     g.set_defaults(func=_grammar)
+
+    j = bsub.add_parser(
+        "jump-forward",
+        help="jump-forward on the extraction workload against drafting off, n-gram drafts, and its ceilings",
+        description="The batched engine in-process, one stream, the extraction requests of the shipped workload "
+        "set: drafting off, n-gram drafts only, jump-forward in the tokenizer's tokens, jump-forward as shipped "
+        "(the model's spellings), and two oracles that know the answers (the forced text in the model's tokens; "
+        "every token the grammar determines). Prints tok/s and ratios; --out also writes JSON, Markdown and a chart.",
+    )
+    j.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), help="a GGUF file")
+    j.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default: 2)")
+    j.add_argument("--rounds", type=int, default=3, help="rounds; the first learns and is not counted (default: 3)")
+    j.add_argument("--requests", type=int, default=16, help="extraction requests of the set to use (default: 16)")
+    j.add_argument("--out", type=Path, default=None, help="folder for jump-forward.json, .md and .png")
+    j.set_defaults(func=_jump_forward)
 
     for kind, what in (("rerank", "/v1/rerank"), ("embed", "/v1/embeddings")):
         r = bsub.add_parser(
@@ -250,6 +266,15 @@ def _grammar(args: argparse.Namespace) -> int:
         out=args.out,
     )
     return _print_report(grammar_table(result), result.files)
+
+
+def _jump_forward(args: argparse.Namespace) -> int:
+    from edgellm.bench.jump_forward import bench_jump_forward, jump_forward_table
+
+    result = bench_jump_forward(
+        model=args.model, threads=args.threads, rounds=args.rounds, requests=args.requests, out=args.out
+    )
+    return _print_report(jump_forward_table(result), result.files)
 
 
 def _retrieval(args: argparse.Namespace) -> int:

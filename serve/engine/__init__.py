@@ -57,6 +57,14 @@ from edgellm.serve.engine.specs import ModelSpec
 if TYPE_CHECKING:
     from edgellm.serve.engine.batched import BatchedEngine
     from edgellm.serve.engine.embed import Embedder, EmbedOutput, GGUFEmbedder, load_embedder
+    from edgellm.serve.engine.forced import (
+        WHITESPACE,
+        DraftVocab,
+        ForcedDrafter,
+        Gbnf,
+        ModelHabits,
+        Recognizer,
+    )
     from edgellm.serve.engine.rerank import (
         CrossEncoderReranker,
         GGUFReranker,
@@ -69,6 +77,7 @@ if TYPE_CHECKING:
         load_reranker,
     )
     from edgellm.serve.engine.serial import SerialEngine
+    from edgellm.serve.engine.speculative import DraftPolicy
 
 _LAZY = {
     "BatchedEngine": "edgellm.serve.engine.batched",
@@ -86,6 +95,14 @@ _LAZY = {
     "RerankModelError": "edgellm.serve.engine.rerank",
     "RerankOutput": "edgellm.serve.engine.rerank",
     "RerankScore": "edgellm.serve.engine.rerank",
+    # drafting (speculative decoding, jump-forward): for benchmarks that measure it with their own drafters
+    "DraftPolicy": "edgellm.serve.engine.speculative",
+    "DraftVocab": "edgellm.serve.engine.forced",
+    "ForcedDrafter": "edgellm.serve.engine.forced",
+    "Gbnf": "edgellm.serve.engine.forced",
+    "ModelHabits": "edgellm.serve.engine.forced",
+    "Recognizer": "edgellm.serve.engine.forced",
+    "WHITESPACE": "edgellm.serve.engine.forced",
 }
 
 
@@ -102,6 +119,8 @@ __all__ = [
     "ChatTemplate",
     "ContextOverflowError",
     "CrossEncoderReranker",
+    "DraftPolicy",
+    "DraftVocab",
     "EmbedOutput",
     "Embedder",
     "Engine",
@@ -112,14 +131,18 @@ __all__ = [
     "EngineUnavailableError",
     "Event",
     "FinishReason",
+    "ForcedDrafter",
     "GGUFEmbedder",
     "GGUFReranker",
     "Finished",
+    "Gbnf",
     "Generation",
     "GenerationRequest",
     "InvalidPromptError",
+    "ModelHabits",
     "ModelInfo",
     "ModelSpec",
+    "Recognizer",
     "RerankError",
     "RerankInputError",
     "RerankModelError",
@@ -132,6 +155,7 @@ __all__ = [
     "TextDelta",
     "Timings",
     "UnknownModelError",
+    "WHITESPACE",
     "build_engine",
     "load_embedder",
     "load_reranker",
