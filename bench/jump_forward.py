@@ -7,7 +7,11 @@ workload set (each its own JSON schema), greedy. Variants, taking turns request 
 
 - ``off``: no drafts. ``ngram``: drafts from the context only (jump-forward off).
 - ``tokenizer``: jump-forward, the forced text drafted in the tokenizer's tokens (``jump_forward_spellings`` off).
-- ``spelled``: the default: forced text in the tokens the model wrote it in before (``forced.ModelHabits``).
+- ``spelled-seen``: the default: forced text in the tokens the model wrote it in before (``forced.ModelHabits``),
+  each request having been answered before (its own keys' spellings, in the same contexts, remembered: a repeated or
+  regenerated request, or a schema sent again with text that leads into the keys alike).
+- ``spelled-new``: the same drafter with the spellings the *other* requests' answers taught (their schemas differ):
+  a schema not seen before.
 - ``own-tokens``: a drafter that knows each answer (from a first pass) drafts the same forced text, in exactly the
   tokens the model is about to write: the ceiling of any spelling guess.
 - ``ceiling``: it drafts every token the grammar determines (keys, punctuation, and whitespace outside strings,
@@ -27,6 +31,7 @@ import datetime as dt
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,11 +59,39 @@ from edgellm.serve.engine import (
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "bench-model"
-VARIANTS = ("off", "ngram", "tokenizer", "spelled", "own-tokens", "ceiling")
-Answers = dict[tuple[object, ...], list[list[int]]]  # a grammar (its rules) -> the token ids of the answers written under it
+VARIANTS = ("off", "ngram", "tokenizer", "spelled-new", "spelled-seen", "own-tokens", "ceiling")
+Key = tuple[object, ...]  # a grammar, by its rules (the same for the same grammar parsed by another engine)
 
 
-def _key(grammar: Gbnf) -> tuple[object, ...]:
+@dataclass
+class Known:
+    """What the first pass saw: the answers (token ids) written under each grammar, the grammars themselves, and per
+    grammar the spellings the other grammars' answers teach (``unseen``, built on first use)."""
+
+    answers: dict[Key, list[list[int]]] = field(default_factory=dict)
+    grammars: dict[Key, Gbnf] = field(default_factory=dict)
+    _unseen: dict[Key, OrderedDict[bytes, tuple[int, ...]]] = field(default_factory=dict)
+
+    def unseen(self, key: Key, vocab: DraftVocab) -> OrderedDict[bytes, tuple[int, ...]]:
+        """The spellings a model's memory would hold had it answered every request but those under ``key``: the
+        other answers replayed through a drafter (drafting at each token as the engine does, so it watches and
+        learns the same forced texts)."""
+        if key not in self._unseen:
+            habits = ModelHabits(vocab.eot)
+            for other, answers in self.answers.items():
+                if other == key:
+                    continue
+                for answer in answers:
+                    drafter = ForcedDrafter(self.grammars[other], vocab, habits)
+                    drafter.push(answer[:1])
+                    for token in answer[1:]:
+                        drafter.draft(8)
+                        drafter.push([token])
+            self._unseen[key] = habits.spellings
+        return OrderedDict(self._unseen[key])
+
+
+def _key(grammar: Gbnf) -> Key:
     """The same grammar parsed by another engine has the same key (each engine parses its own)."""
     return (grammar.root, *grammar.alts)
 
@@ -66,13 +99,31 @@ def _key(grammar: Gbnf) -> tuple[object, ...]:
 class _Recorder(ForcedDrafter):
     """The default drafter, keeping each answer's tokens (the first pass: what the oracles will know)."""
 
-    def __init__(self, grammar: Gbnf, vocab: DraftVocab, habits: ModelHabits, answers: Answers) -> None:
+    def __init__(self, grammar: Gbnf, vocab: DraftVocab, habits: ModelHabits, known: Known) -> None:
         super().__init__(grammar, vocab, habits)
-        self.answers = answers
+        self.known = known
 
     def finish(self) -> None:
         super().finish()
-        self.answers.setdefault(_key(self.rec.g), []).append(list(self._out))
+        key = _key(self.rec.g)
+        self.known.answers.setdefault(key, []).append(list(self._out))
+        self.known.grammars.setdefault(key, self.rec.g)
+
+
+class _Unseen(ForcedDrafter):
+    """The default drafter, but its spellings are those the other requests' answers taught (never this request's
+    own from an earlier round): the case of a schema, and its context, not seen before. Layout and end token are the
+    engine's, as usual."""
+
+    def __init__(self, grammar: Gbnf, vocab: DraftVocab, habits: ModelHabits, known: Known) -> None:
+        own = ModelHabits(habits.end, dict(habits.style), habits.indent, spellings=known.unseen(_key(grammar), vocab))
+        super().__init__(grammar, vocab, own)
+        self.engine_habits = habits
+
+    def finish(self) -> None:
+        super().finish()
+        self.engine_habits.end = self.habits.end
+        self.engine_habits.style, self.engine_habits.indent = self.habits.style, self.habits.indent
 
 
 class _Oracle(ForcedDrafter):
@@ -80,9 +131,9 @@ class _Oracle(ForcedDrafter):
     far): ``own-tokens`` the forced text in the answer's tokens; ``every`` (the ceiling) every token the grammar
     determines."""
 
-    def __init__(self, grammar: Gbnf, vocab: DraftVocab, habits: ModelHabits, answers: Answers, every: bool) -> None:
+    def __init__(self, grammar: Gbnf, vocab: DraftVocab, habits: ModelHabits, known: Known, every: bool) -> None:
         super().__init__(grammar, vocab, habits)
-        self.known = answers.get(_key(grammar), [])
+        self.known = known.answers.get(_key(grammar), [])
         self.every = every
         self._marks: dict[int, list[bool]] = {}  # per known answer (its index): which tokens the grammar determines
 
@@ -142,18 +193,20 @@ def determined(grammar: Gbnf, vocab: DraftVocab, tokens: list[int]) -> list[bool
     return out
 
 
-def policy(variant: str, answers: Answers) -> DraftPolicy | None:
-    """The drafting policy of one variant (None: drafting off); the oracles know ``answers``."""
+def policy(variant: str, known: Known) -> DraftPolicy | None:
+    """The drafting policy of one variant (None: drafting off); the oracles, and ``spelled-new``, use ``known``."""
     if variant == "off":
         return None
     if variant == "ngram":
         return DraftPolicy(jump_forward=False)
     if variant == "tokenizer":
         return DraftPolicy(jump_forward_spellings=False)
-    if variant == "spelled":
-        return DraftPolicy(forced_drafter=lambda g, vocab, habits: _Recorder(g, vocab, habits, answers))
+    if variant == "spelled-seen":
+        return DraftPolicy(forced_drafter=lambda g, vocab, habits: _Recorder(g, vocab, habits, known))
+    if variant == "spelled-new":
+        return DraftPolicy(forced_drafter=lambda g, vocab, habits: _Unseen(g, vocab, habits, known))
     every = variant == "ceiling"
-    return DraftPolicy(forced_drafter=lambda g, vocab, habits: _Oracle(g, vocab, habits, answers, every))
+    return DraftPolicy(forced_drafter=lambda g, vocab, habits: _Oracle(g, vocab, habits, known, every))
 
 
 @dataclass
@@ -207,7 +260,7 @@ async def measure(engines: dict[str, BatchedEngine], reqs: list[WorkloadRequest]
     totals = {v: [0, 0.0, 0, 0] for v in engines}
     for r in range(rounds):
         for i, wr in enumerate(reqs):
-            # "spelled" first in the first round: its answers are what the oracles know
+            # "spelled-seen" first in the first round: its answers are what the oracles know
             names = list(engines)
             order = names if r == 0 else names[i % len(names) :] + names[: i % len(names)]
             speeds = []
@@ -244,10 +297,10 @@ def bench_jump_forward(
     if rounds < 1 or requests < 1:
         raise BenchError(f"--rounds and --requests must be at least 1, got {rounds} and {requests}")
     reqs = [r for r in load_requests() if r.workload == "extract"][:requests]
-    answers: Answers = {}
+    known = Known()
     spec = ModelSpec(name=MODEL_NAME, path=model, n_ctx=1024, n_threads=threads)
-    order = ("spelled", *(v for v in VARIANTS if v != "spelled"))
-    engines = {v: BatchedEngine([spec], slots=1, queue_size=4, draft=policy(v, answers)) for v in order}
+    order = ("spelled-seen", *(v for v in VARIANTS if v != "spelled-seen"))
+    engines = {v: BatchedEngine([spec], slots=1, queue_size=4, draft=policy(v, known)) for v in order}
     try:
         rows = asyncio.run(measure(engines, reqs, rounds))
     finally:
@@ -286,14 +339,16 @@ def jump_forward_table(r: JumpForwardBench) -> str:
             ),
         ),
         "",
-        "own-tokens and ceiling know the answers: the best a spelling guess, and any jump-forward, could do here.",
+        "spelled-seen: the default drafter, each request answered before (its own spellings remembered); spelled-new:"
+        " spellings from the other requests only (a schema not seen before). own-tokens and ceiling know the answers:"
+        " the best a spelling guess, and any jump-forward, could do here.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def jump_forward_chart(r: JumpForwardBench, path: Path) -> None:
-    fig, ax = subplots(figsize=(7.5, 4.2))
-    colours = ["#999999", "#7a9cc6", "#4c72b0", "#dd8452", "#c9c9c9", "#e0e0e0"]
+    fig, ax = subplots(figsize=(9, 4.2))
+    colours = ["#999999", "#7a9cc6", "#4c72b0", "#e9a77a", "#dd8452", "#c9c9c9", "#e0e0e0"]
     bars = ax.bar([x.variant for x in r.rows], [x.tps for x in r.rows], color=colours[: len(r.rows)])
     ax.bar_label(bars, [f"{x.vs_off:.2f}x" for x in r.rows], fontsize=8)
     ax.set_ylabel("tokens/s (one stream)")

@@ -26,7 +26,7 @@ def test_one_request_every_variant(default_gguf: Path, tmp_path: Path) -> None:
     # the oracles draft forced text in the tokens the first pass wrote (besides the context's n-gram drafts): more
     # accepted draft tokens than the context alone
     print(jump_forward_table(r))
-    for name in ("tokenizer", "spelled", "own-tokens", "ceiling"):
+    for name in ("tokenizer", "spelled-new", "spelled-seen", "own-tokens", "ceiling"):
         assert rows[name].accepted > rows["ngram"].accepted, (name, r.rows)
     assert (out / "jump-forward.md").read_text() == jump_forward_table(r)
     assert json.loads((out / "jump-forward.json").read_text())["rows"][0]["variant"] == "off"
