@@ -21,8 +21,10 @@ the key ``"reported_by"`` as ``re|port|ed|_|by``, not ``reported|_|by``, and a d
 rejected at its first token. ``ModelHabits.spellings`` remembers, per model, the tokens its answers wrote each
 forced text in (the text from a point outside a string: keys, brackets, whitespace, never the rest of a value the
 model began), and the next draft of the same text uses them. Measured on the extraction workload (one stream,
-``edgellm bench jump-forward``, 4 December): jump-forward with spellings 1.20x context drafting alone, in the
-tokenizer's tokens 1.08x; an oracle drafting the forced text in exactly the tokens the model then wrote 1.34x.
+``edgellm bench jump-forward``, 4 December), over context drafting alone: requests answered before 1.20-1.25x, new
+schemas 1.15x, as the tokenizer's tokens (1.08-1.15x); an oracle drafting the forced text in exactly the tokens
+the model then wrote 1.33-1.34x. The model's spelling of a word varies with what precedes it, so spellings pay
+where the same keys come in the same context again.
 
     grammar = parse_gbnf(text)          # GbnfError if the text uses what this recognizer does not follow
     rec = Recognizer(grammar)
