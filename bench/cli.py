@@ -107,8 +107,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="jump-forward on the extraction workload against drafting off, n-gram drafts, and its ceilings",
         description="The batched engine in-process, one stream, the extraction requests of the shipped workload "
         "set: drafting off, n-gram drafts only, jump-forward in the tokenizer's tokens, jump-forward as shipped "
-        "(the model's spellings), and two oracles that know the answers (the forced text in the model's tokens; "
-        "every token the grammar determines). Prints tok/s and ratios; --out also writes JSON, Markdown and a chart.",
+        "(the model's spellings) on a schema never seen and on a request answered before, and two oracles that know "
+        "the answers (the forced text in the model's tokens; every token the grammar determines). Prints tok/s and "
+        "ratios; --out also writes JSON, Markdown and a chart.",
     )
     j.add_argument("--model", type=Path, default=Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), help="a GGUF file")
     j.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default: 2)")

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from edgellm.bench.charts import save_png, subplots
 from edgellm.bench.errors import BenchError
+from edgellm.bench.grammar_speed import one
 from edgellm.bench.tables import markdown_table
 from edgellm.bench.workloads import WorkloadRequest, load_requests
 from edgellm.fsutil import atomic_write_text
@@ -46,7 +47,6 @@ from edgellm.serve.engine import (
     ChatMessage,
     DraftPolicy,
     DraftVocab,
-    Finished,
     ForcedDrafter,
     Gbnf,
     GenerationRequest,
@@ -243,17 +243,6 @@ def request(r: WorkloadRequest) -> GenerationRequest:
         params=SamplingParams(max_tokens=r.max_tokens, temperature=0.0),
         json_schema=r.response_format["json_schema"]["schema"],
     )
-
-
-async def one(engine: BatchedEngine, req: GenerationRequest) -> Finished:
-    gen = await engine.submit(req)
-    finished: Finished | None = None
-    async for ev in gen:
-        if isinstance(ev, Finished):
-            finished = ev
-    await gen.aclose()
-    assert finished is not None
-    return finished
 
 
 async def measure(engines: dict[str, BatchedEngine], reqs: list[WorkloadRequest], rounds: int) -> list[Row]:
